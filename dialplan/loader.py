@@ -1,0 +1,203 @@
+"""Validation of the ``[[dialplan.rules]]`` configuration into Rule objects.
+
+The loader takes already-parsed TOML data (no file access) and refuses
+anything suspicious up front, so that mistakes show at startup with a message
+naming the rule and key, rather than as misrouted calls later.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+from collections.abc import Iterable, Mapping, Sequence
+
+from .engine import unsafe_uri_character, validate_number
+from .model import DialplanError, InvalidNumber, MatchKind, Rule
+
+KNOWN_KEYS = frozenset({"name", "exact", "prefix", "regex", "target", "reject", "reason"})
+MATCH_KEYS = ("exact", "prefix", "regex")
+RESERVED_PLACEHOLDERS = frozenset({"number", "suffix"})
+URI_SCHEMES = ("sip:", "sips:")
+
+
+def load_rules(data: object, variables: Iterable[str] = ()) -> tuple[Rule, ...]:
+    """Build the rule list from the parsed value of ``dialplan.rules``.
+
+    ``variables`` names the extra placeholders (e.g. ``embedded``) that the
+    caller will pass to :func:`route`; targets may use only those, ``number``,
+    ``suffix`` and their regex's named groups.
+    """
+    if not isinstance(data, list):
+        raise DialplanError("dialplan.rules must be an array of tables")
+    if isinstance(variables, str):
+        raise TypeError("variables must be an iterable of names, not a string")
+    known_variables = frozenset(variables)
+    rules: list[Rule] = []
+    for index, entry in enumerate(data):
+        rule = _load_rule(index, entry, known_variables)
+        _check_reachable(index, rule, rules)
+        rules.append(rule)
+    return tuple(rules)
+
+
+def _location(index: int, name: str | None = None) -> str:
+    where = f"dialplan.rules[{index}]"
+    return where if name is None else f"{where} ({_quote(name)})"
+
+
+def _quote(name: str) -> str:
+    return json.dumps(name, ensure_ascii=False)
+
+
+def _load_rule(index: int, entry: object, variables: frozenset[str]) -> Rule:
+    if not isinstance(entry, Mapping):
+        raise DialplanError(f"{_location(index)}: must be a table, got {type(entry).__name__}")
+    if "name" not in entry:
+        raise DialplanError(f"{_location(index)}: missing key 'name'")
+    name = _string(entry, "name", _location(index))
+    where = _location(index, name)
+
+    unknown = sorted(str(key) for key in entry if key not in KNOWN_KEYS)
+    if unknown:
+        raise DialplanError(f"{where}: unknown key {unknown[0]!r}")
+
+    kind, pattern = _load_match(entry, where)
+    compiled: re.Pattern[str] | None = None
+    if kind is MatchKind.REGEX:
+        try:
+            compiled = re.compile(pattern)
+        except re.error as exc:
+            raise DialplanError(
+                f"{where}: key 'regex' is not a valid regular expression: {exc}"
+            ) from None
+        for group in compiled.groupindex:
+            if group in RESERVED_PLACEHOLDERS:
+                raise DialplanError(f"{where}: key 'regex' uses reserved group name {group!r}")
+
+    has_target, has_reject = "target" in entry, "reject" in entry
+    if has_target and has_reject:
+        raise DialplanError(f"{where}: keys 'target' and 'reject' are mutually exclusive")
+    if not has_target and not has_reject:
+        raise DialplanError(f"{where}: missing key 'target' or 'reject'")
+
+    target: str | None = None
+    reject: int | None = None
+    if has_target:
+        target = _string(entry, "target", where)
+        groups = compiled.groupindex if compiled is not None else {}
+        _check_target(target, RESERVED_PLACEHOLDERS | variables | set(groups), where)
+    else:
+        reject = _reject_code(entry["reject"], where)
+
+    reason = _string(entry, "reason", where, allow_empty=True) if "reason" in entry else ""
+    return Rule(
+        name=name,
+        kind=kind,
+        pattern=pattern,
+        target=target,
+        reject=reject,
+        reason=reason,
+    )
+
+
+def _string(
+    entry: Mapping[object, object], key: str, where: str, *, allow_empty: bool = False
+) -> str:
+    value = entry[key]
+    if not isinstance(value, str):
+        raise DialplanError(f"{where}: key {key!r} must be a string, got {type(value).__name__}")
+    if not value and not allow_empty:
+        raise DialplanError(f"{where}: key {key!r} must not be empty")
+    return value
+
+
+def _load_match(entry: Mapping[object, object], where: str) -> tuple[MatchKind, str]:
+    present = [key for key in MATCH_KEYS if key in entry]
+    if not present:
+        raise DialplanError(f"{where}: missing match key, one of 'exact', 'prefix', 'regex'")
+    if len(present) > 1:
+        raise DialplanError(
+            f"{where}: keys {present[0]!r} and {present[1]!r} are mutually exclusive"
+        )
+    key = present[0]
+    pattern = _string(entry, key, where)
+    if key != "regex":
+        # A literal pattern that is not itself dialable can never match.
+        try:
+            validate_number(pattern)
+        except InvalidNumber as exc:
+            raise DialplanError(f"{where}: key {key!r} can never match: {exc}") from None
+    return MatchKind(key), pattern
+
+
+def _reject_code(value: object, where: str) -> int:
+    # bool is a subclass of int, but "reject = true" is surely a mistake.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DialplanError(f"{where}: key 'reject' must be an integer, got {type(value).__name__}")
+    if not 400 <= value <= 699:
+        raise DialplanError(f"{where}: key 'reject' must be a SIP error code 400..699, got {value}")
+    return value
+
+
+def _check_target(target: str, known: Iterable[str], where: str) -> None:
+    """Refuse targets that are not SIP URIs or use anything but plain names."""
+    if not target.lower().startswith(URI_SCHEMES):
+        raise DialplanError(f"{where}: key 'target' must start with 'sip:' or 'sips:'")
+    try:
+        parsed = list(string.Formatter().parse(target))
+    except ValueError as exc:
+        raise DialplanError(f"{where}: key 'target' is not a valid template: {exc}") from None
+    known_names = frozenset(known)
+    for literal, field_name, spec, conversion in parsed:
+        bad = unsafe_uri_character(literal)
+        if bad is not None:
+            raise DialplanError(
+                f"{where}: key 'target' contains a character that is not allowed: {bad!r}"
+            )
+        if field_name is None:
+            continue
+        if spec or conversion:
+            raise DialplanError(
+                f"{where}: key 'target' placeholder {{{field_name}}} must not have "
+                "a format spec or conversion"
+            )
+        if not field_name.isidentifier():
+            raise DialplanError(
+                f"{where}: key 'target' placeholder {{{field_name}}} must be a plain name"
+            )
+        if field_name not in known_names:
+            raise DialplanError(
+                f"{where}: key 'target' uses unknown placeholder {{{field_name}}} "
+                f"(known: {', '.join(sorted(known_names))})"
+            )
+
+
+def _check_reachable(index: int, rule: Rule, earlier: Sequence[Rule]) -> None:
+    """Refuse a duplicate name, or a rule an earlier rule always matches first."""
+    for position, other in enumerate(earlier):
+        if other.name == rule.name:
+            raise DialplanError(
+                f"{_location(index, rule.name)}: key 'name' duplicates rules[{position}]"
+            )
+    for position, other in enumerate(earlier):
+        if _shadows(other, rule):
+            raise DialplanError(
+                f"{_location(index, rule.name)}: key {rule.kind.value!r} is "
+                f"shadowed by rules[{position}] ({_quote(other.name)}), "
+                "so this rule can never match"
+            )
+
+
+def _shadows(first: Rule, later: Rule) -> bool:
+    """True if every number ``later`` matches is already matched by ``first``."""
+    if first.kind is later.kind and first.pattern == later.pattern:
+        return True
+    if first.kind is MatchKind.PREFIX:
+        return later.kind in (MatchKind.EXACT, MatchKind.PREFIX) and (
+            later.pattern.startswith(first.pattern)
+        )
+    if first.kind is MatchKind.REGEX and later.kind is MatchKind.EXACT:
+        assert first.compiled is not None
+        return first.compiled.fullmatch(later.pattern) is not None
+    return False
