@@ -1,0 +1,313 @@
+"""Typed gateway configuration, read from TOML and validated at start-up.
+
+Every section is a frozen dataclass with a default for every field, so an empty
+file (or no file) gives the embedded default: HTTP on 127.0.0.1:8080 and the
+built-in ``echo`` and ``tone`` targets. Any unknown key, wrong type or bad value
+stops the start with a :class:`ConfigError` that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dialplan import DialplanError, Rule, load_rules
+
+#: Names the dialplan templates may use besides the number placeholders.
+DIALPLAN_VARIABLES = ("embedded",)
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """The front process: HTTP, the demo page and WebSocket signaling."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    #: Largest WebSocket text frame accepted from a browser, in bytes.
+    max_message_bytes: int = 65536
+    #: Calls one WebSocket connection may have open at once.
+    max_calls_per_connection: int = 8
+
+    def validate(self) -> None:
+        _check_port("http.port", self.port)
+        _check_range("http.max_message_bytes", self.max_message_bytes, 1024, 16 * 1024 * 1024)
+        _check_range("http.max_calls_per_connection", self.max_calls_per_connection, 1, 1000)
+
+
+@dataclass(frozen=True)
+class WorkersConfig:
+    """Worker processes: each owns one pjsua2 Endpoint and the aiortc legs of its calls."""
+
+    count: int = 2
+    #: pjsua2's PyPI wheel allows 4 calls per process (PJSUA_MAX_CALLS).
+    calls_per_worker: int = 4
+    #: Seconds to wait before restarting a worker that died.
+    restart_delay: float = 1.0
+
+    def validate(self) -> None:
+        _check_range("workers.count", self.count, 1, 256)
+        _check_range("workers.calls_per_worker", self.calls_per_worker, 1, 4)
+        _check_range("workers.restart_delay", self.restart_delay, 0.0, 600.0)
+
+
+@dataclass(frozen=True)
+class SipConfig:
+    """The SIP leg (pjsua2) in every worker."""
+
+    #: Address the workers' SIP and RTP sockets bind to.
+    bind: str = "127.0.0.1"
+    #: SIP UDP port of worker 0; worker N uses port + N. 0 picks free ports.
+    port: int = 0
+    #: First RTP port tried by each worker (pjsua2 moves on when one is taken).
+    rtp_port: int = 40000
+    #: User part of the From header on outgoing calls.
+    user: str = "sipgw"
+    #: Codecs offered on the SIP leg, most preferred first.
+    codecs: tuple[str, ...] = ("PCMU", "PCMA", "G722")
+    #: Seconds to wait for any response to an INVITE before reporting 408.
+    invite_timeout: float = 32.0
+    #: pjsip log level written to the worker's stderr (0 = off, 5 = everything).
+    log_level: int = 1
+
+    def validate(self) -> None:
+        _check_ip("sip.bind", self.bind)
+        if self.port != 0:
+            _check_port("sip.port", self.port)
+        _check_port("sip.rtp_port", self.rtp_port)
+        _check_token("sip.user", self.user)
+        known = {"PCMU", "PCMA", "G722"}
+        if not self.codecs:
+            raise ConfigError("config: sip.codecs must name at least one codec")
+        for codec in self.codecs:
+            if codec not in known:
+                raise ConfigError(
+                    f"config: sip.codecs: unknown codec {codec!r} (known: {sorted(known)})"
+                )
+        _check_range("sip.invite_timeout", self.invite_timeout, 0.5, 300.0)
+        _check_range("sip.log_level", self.log_level, 0, 6)
+
+
+@dataclass(frozen=True)
+class IceServer:
+    """A STUN or TURN server given to aiortc and to the browser."""
+
+    urls: tuple[str, ...]
+    username: str | None = None
+    credential: str | None = None
+
+
+@dataclass(frozen=True)
+class WebRtcConfig:
+    """The WebRTC leg (aiortc) in every worker."""
+
+    #: STUN/TURN servers. Empty (the default) means host candidates only, no STUN wait.
+    ice_servers: tuple[IceServer, ...] = ()
+    #: Local addresses offered as ICE host candidates. Empty means every interface.
+    ice_addresses: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        for i, server in enumerate(self.ice_servers):
+            if not server.urls:
+                raise ConfigError(f"config: webrtc.ice_servers[{i}].urls must not be empty")
+            for url in server.urls:
+                if not url.startswith(("stun:", "stuns:", "turn:", "turns:")):
+                    raise ConfigError(
+                        f"config: webrtc.ice_servers[{i}].urls: {url!r} is not a stun:/turn: URL"
+                    )
+        for addr in self.ice_addresses:
+            _check_ip("webrtc.ice_addresses", addr)
+
+
+@dataclass(frozen=True)
+class EmbeddedConfig:
+    """The built-in SIP targets ``echo`` and ``tone``, reached over real SIP on loopback."""
+
+    enabled: bool = True
+    bind: str = "127.0.0.1"
+    #: SIP UDP port of the embedded targets; 0 picks a free one.
+    port: int = 0
+    #: Frequency of the ``tone`` target, in Hz.
+    tone_hz: int = 1000
+
+    def validate(self) -> None:
+        _check_ip("embedded.bind", self.bind)
+        if self.port != 0:
+            _check_port("embedded.port", self.port)
+        _check_range("embedded.tone_hz", self.tone_hz, 50, 3900)
+
+
+#: Routes used when the config has no ``[[dialplan.rules]]``: only the embedded targets.
+DEFAULT_RULES: tuple[dict[str, Any], ...] = (
+    {"name": "echo", "exact": "echo", "target": "sip:echo@{embedded}"},
+    {"name": "tone", "exact": "tone", "target": "sip:tone@{embedded}"},
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole gateway configuration."""
+
+    http: HttpConfig = field(default_factory=HttpConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    sip: SipConfig = field(default_factory=SipConfig)
+    webrtc: WebRtcConfig = field(default_factory=WebRtcConfig)
+    embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)
+    rules: tuple[Rule, ...] = field(
+        default_factory=lambda: load_rules(list(DEFAULT_RULES), DIALPLAN_VARIABLES)
+    )
+
+    def validate(self) -> None:
+        for section in (self.http, self.workers, self.sip, self.webrtc, self.embedded):
+            section.validate()
+        if not self.embedded.enabled:
+            for rule in self.rules:
+                if rule.target and "{embedded}" in rule.target:
+                    raise ConfigError(
+                        f"config: dialplan rule {rule.name!r} routes to {{embedded}} "
+                        "but embedded.enabled is false"
+                    )
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "http": HttpConfig,
+    "workers": WorkersConfig,
+    "sip": SipConfig,
+    "webrtc": WebRtcConfig,
+    "embedded": EmbeddedConfig,
+}
+
+
+def load_config(path: Path | None) -> Config:
+    """Read and validate a TOML file; ``None`` gives the embedded default."""
+    if path is None:
+        config = Config()
+        config.validate()
+        return config
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"config: cannot read {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config: {path} is not valid TOML: {exc}") from exc
+    return config_from_dict(data)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build a :class:`Config` from parsed TOML, naming any bad key."""
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "dialplan":
+            kwargs["rules"] = _load_dialplan(value)
+        elif key in _SECTIONS:
+            kwargs[key] = _build(_SECTIONS[key], value, key)
+        else:
+            known = sorted([*_SECTIONS, "dialplan"])
+            raise ConfigError(f"config: unknown section [{key}] (known: {', '.join(known)})")
+    config = Config(**kwargs)
+    config.validate()
+    return config
+
+
+def _load_dialplan(value: Any) -> tuple[Rule, ...]:
+    if not isinstance(value, dict):
+        raise ConfigError("config: [dialplan] must be a table")
+    unknown = set(value) - {"rules"}
+    if unknown:
+        raise ConfigError(f"config: dialplan: unknown key {sorted(unknown)[0]!r} (known: rules)")
+    try:
+        return load_rules(value.get("rules", []), DIALPLAN_VARIABLES)
+    except DialplanError as exc:
+        raise ConfigError(f"config: {exc}") from exc
+
+
+def _build(cls: type[Any], data: Any, where: str) -> Any:
+    """Construct dataclass ``cls`` from a TOML table, checking keys and types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {where} must be a table")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(
+                f"config: {where}: unknown key {key!r} (known: {', '.join(sorted(fields))})"
+            )
+        kwargs[key] = _convert(hints[key], value, f"{where}.{key}")
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"config: {where}: missing key {missing[0]!r}")
+    return cls(**kwargs)
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _convert(options[0], value, where)
+    if origin is tuple:
+        item = typing.get_args(hint)[0]
+        if isinstance(value, str) and item is str:
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"config: {where}: expected an array, got {_kind(value)}")
+        return tuple(_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(hint):
+        return _build(typing.cast(type[Any], hint), value, where)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config: {where}: expected true or false, got {_kind(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config: {where}: expected an integer, got {_kind(value)}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"config: {where}: expected a number, got {_kind(value)}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config: {where}: expected a string, got {_kind(value)}")
+        return value
+    raise ConfigError(f"config: {where}: unsupported type {hint!r}")  # pragma: no cover
+
+
+def _kind(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _check_range(key: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ConfigError(f"config: {key} = {value!r} is out of range ({low} to {high})")
+
+
+def _check_port(key: str, value: int) -> None:
+    _check_range(key, value, 1, 65535)
+
+
+def _check_ip(key: str, value: str) -> None:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ConfigError(f"config: {key} = {value!r} is not an IP address") from None
+
+
+def _check_token(key: str, value: str) -> None:
+    if not value or not all(c.isalnum() or c in "-_.!~*'()+" for c in value):
+        raise ConfigError(f"config: {key} = {value!r} is not a valid SIP user part")

@@ -1,0 +1,262 @@
+"""The browser protocol's wire schema (v1): parse and serialize, no I/O.
+
+Each message is a JSON object with a ``type``. Client requests may carry an
+``id`` (string) that the reply or error echoes. :func:`parse` turns a text
+frame into one of the request dataclasses or raises :class:`ProtocolError`
+naming the problem; :func:`encode` turns a gateway message into JSON, leaving
+out fields that are ``None``. ``docs/protocol.md`` documents every message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+PROTOCOL_VERSION = 1
+
+#: Error codes sent in ``error`` messages.
+ERROR_CODES = (
+    "bad_request",
+    "forbidden",
+    "not_found",
+    "wrong_state",
+    "busy",
+    "unavailable",
+    "internal",
+)
+
+_ID = re.compile(r"[A-Za-z0-9_.:@-]{1,64}")
+MAX_SDP_BYTES = 32 * 1024
+
+
+class ProtocolError(Exception):
+    """A request the gateway refuses; becomes an ``error`` message."""
+
+    def __init__(
+        self, code: str, message: str, *, id: str | None = None, call: str | None = None
+    ) -> None:
+        assert code in ERROR_CODES, code
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.id = id
+        self.call = call
+
+
+# --- client -> gateway -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hello:
+    id: str | None = None
+    token: str | None = None
+
+
+@dataclass(frozen=True)
+class Call:
+    call: str
+    to: str
+    sdp: str
+    id: str | None = None
+
+
+@dataclass(frozen=True)
+class Hangup:
+    call: str
+    id: str | None = None
+
+
+@dataclass(frozen=True)
+class Ping:
+    id: str | None = None
+
+
+Request = Hello | Call | Hangup | Ping
+
+
+# --- gateway -> client -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Welcome:
+    type: ClassVar[str] = "welcome"
+    version: int
+    session: str
+    ice_servers: list[dict[str, Any]]
+    id: str | None = None
+
+
+@dataclass(frozen=True)
+class Answer:
+    type: ClassVar[str] = "answer"
+    call: str
+    sdp: str
+    id: str | None = None
+
+
+@dataclass(frozen=True)
+class Ringing:
+    type: ClassVar[str] = "ringing"
+    call: str
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Progress:
+    type: ClassVar[str] = "progress"
+    call: str
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Accepted:
+    type: ClassVar[str] = "accepted"
+    call: str
+    codecs: dict[str, str]
+
+
+@dataclass(frozen=True)
+class HangupEvent:
+    type: ClassVar[str] = "hangup"
+    call: str
+    code: int
+    reason: str
+    by: str
+    id: str | None = None
+
+
+@dataclass(frozen=True)
+class Pong:
+    type: ClassVar[str] = "pong"
+    id: str | None = None
+
+
+@dataclass(frozen=True)
+class Error:
+    type: ClassVar[str] = "error"
+    code: str
+    message: str
+    id: str | None = None
+    call: str | None = None
+
+    @classmethod
+    def from_exception(cls, exc: ProtocolError) -> Error:
+        return cls(exc.code, exc.message, exc.id, exc.call)
+
+
+Event = Welcome | Answer | Ringing | Progress | Accepted | HangupEvent | Pong | Error
+
+
+def encode(message: Event) -> str:
+    """Serialize a gateway message; ``None`` fields are left out."""
+    body: dict[str, Any] = {"type": message.type}
+    for f in dataclasses.fields(message):
+        value = getattr(message, f.name)
+        if value is not None:
+            body[f.name] = value
+    return json.dumps(body, separators=(",", ":"))
+
+
+# --- parsing -----------------------------------------------------------------------
+
+
+def parse(text: str) -> Request:
+    """Parse one client text frame, raising :class:`ProtocolError` on any problem."""
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        msg = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+        raise ProtocolError("bad_request", f"message is not valid JSON: {msg}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError("bad_request", "message must be a JSON object")
+    request_id = _optional_id(data)
+    kind = data.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError("bad_request", "message has no string field 'type'", id=request_id)
+    parser = _PARSERS.get(kind)
+    if parser is None:
+        raise ProtocolError("bad_request", f"unknown message type {kind!r}", id=request_id)
+    return parser(data, request_id)
+
+
+def _optional_id(data: dict[str, Any]) -> str | None:
+    value = data.get("id")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _ID.fullmatch(value):
+        raise ProtocolError(
+            "bad_request", "field 'id' must be a string of 1-64 letters, digits or _.:@-"
+        )
+    return value
+
+
+def _string(data: dict[str, Any], key: str, request_id: str | None, *, call: str | None = None) -> str:
+    value = data.get(key)
+    if value is None:
+        raise ProtocolError(
+            "bad_request", f"{data['type']}: missing field {key!r}", id=request_id, call=call
+        )
+    if not isinstance(value, str):
+        raise ProtocolError(
+            "bad_request",
+            f"{data['type']}: field {key!r} must be a string, not {_json_type(value)}",
+            id=request_id,
+            call=call,
+        )
+    return value
+
+
+def _call_id(data: dict[str, Any], request_id: str | None) -> str:
+    value = _string(data, "call", request_id)
+    if not _ID.fullmatch(value):
+        raise ProtocolError(
+            "bad_request",
+            f"{data['type']}: field 'call' must be 1-64 letters, digits or _.:@-",
+            id=request_id,
+        )
+    return value
+
+
+def _parse_hello(data: dict[str, Any], request_id: str | None) -> Hello:
+    token = data.get("token")
+    if token is not None and not isinstance(token, str):
+        raise ProtocolError("bad_request", "hello: field 'token' must be a string", id=request_id)
+    return Hello(id=request_id, token=token)
+
+
+def _parse_call(data: dict[str, Any], request_id: str | None) -> Call:
+    call = _call_id(data, request_id)
+    to = _string(data, "to", request_id, call=call)
+    sdp = _string(data, "sdp", request_id, call=call)
+    if len(sdp) > MAX_SDP_BYTES:
+        raise ProtocolError(
+            "bad_request", f"call: field 'sdp' is longer than {MAX_SDP_BYTES} bytes",
+            id=request_id, call=call,
+        )
+    return Call(call=call, to=to, sdp=sdp, id=request_id)
+
+
+def _parse_hangup(data: dict[str, Any], request_id: str | None) -> Hangup:
+    return Hangup(call=_call_id(data, request_id), id=request_id)
+
+
+def _parse_ping(data: dict[str, Any], request_id: str | None) -> Ping:
+    return Ping(id=request_id)
+
+
+def _json_type(value: object) -> str:
+    names = {bool: "boolean", int: "number", float: "number", list: "array", dict: "object"}
+    return names.get(type(value), type(value).__name__)
+
+
+_PARSERS = {
+    "hello": _parse_hello,
+    "call": _parse_call,
+    "hangup": _parse_hangup,
+    "ping": _parse_ping,
+}

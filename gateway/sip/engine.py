@@ -1,0 +1,376 @@
+"""The SIP leg: one pjsua2 Endpoint per process, driven by one owner thread.
+
+pjsua2 is created with ``threadCnt = 0`` and ``mainThreadOnly = True`` and is
+only ever touched from the thread started here, which alternates between
+``libHandleEvents`` and the command queue. The event loop talks to it through
+:meth:`SipEngine.make_call` / :meth:`SipEngine.hangup` (queued commands) and
+hears back through ``loop.call_soon_threadsafe`` with the frozen events of
+:mod:`gateway.sip.events`. Audio never passes through here: each call's
+:class:`~gateway.sip.media_port.BridgePort` is fed by pjmedia's clock thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pjsua2 as pj
+
+from gateway.media.buffers import FrameBuffer
+from gateway.media.frames import PTIME_MS, SAMPLE_RATE
+
+from .events import EndedBy, SipAnswered, SipEnded, SipEvent, SipProgress, SipReleased
+from .media_port import BridgePort, audio_format
+
+logger = logging.getLogger(__name__)
+
+#: How long one ``libHandleEvents`` call may block, in ms (bounds command latency).
+POLL_MS = 10
+
+#: Static-payload codec names as pjsua2 knows them.
+_CODEC_IDS = {"PCMU": "PCMU/8000/1", "PCMA": "PCMA/8000/1", "G722": "G722/16000/1"}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What one worker's SIP stack needs (a slice of :class:`gateway.config.SipConfig`)."""
+
+    bind: str = "127.0.0.1"
+    port: int = 0
+    rtp_port: int = 40000
+    user: str = "sipgw"
+    codecs: tuple[str, ...] = ("PCMU", "PCMA", "G722")
+    invite_timeout: float = 32.0
+    log_level: int = 1
+    max_calls: int = 4
+
+
+@dataclass(frozen=True)
+class _MakeCall:
+    key: int
+    uri: str
+    from_sip: FrameBuffer
+    to_sip: FrameBuffer
+
+
+@dataclass(frozen=True)
+class _Hangup:
+    key: int
+
+
+def create_endpoint(
+    bind: str, port: int, log_level: int, max_calls: int, user_agent: str
+) -> tuple[Any, int, int]:
+    """Create and start this process's Endpoint; returns it, its UDP transport id and port.
+
+    Must run on the thread that will own pjsua2 from then on.
+    """
+    endpoint = pj.Endpoint()
+    endpoint.libCreate()
+    config = pj.EpConfig()
+    config.uaConfig.threadCnt = 0
+    config.uaConfig.mainThreadOnly = True
+    config.uaConfig.maxCalls = max_calls
+    config.uaConfig.userAgent = user_agent
+    config.logConfig.level = log_level
+    config.logConfig.consoleLevel = log_level
+    config.medConfig.clockRate = SAMPLE_RATE
+    config.medConfig.sndClockRate = SAMPLE_RATE
+    config.medConfig.audioFramePtime = PTIME_MS
+    config.medConfig.ecTailLen = 0  # no echo canceller: the bridge is not a speakerphone
+    config.medConfig.noVad = True
+    endpoint.libInit(config)
+    endpoint.audDevManager().setNullDev()
+    transport_config = pj.TransportConfig()
+    transport_config.port = port
+    transport_config.boundAddress = bind
+    transport_id = endpoint.transportCreate(pj.PJSIP_TRANSPORT_UDP, transport_config)
+    local_name = endpoint.transportGetInfo(transport_id).localName
+    bound_port = int(local_name.rsplit(":", 1)[1])
+    endpoint.libStart()
+    return endpoint, transport_id, bound_port
+
+
+def set_codecs(endpoint: Any, codecs: tuple[str, ...]) -> None:
+    """Offer exactly ``codecs`` on the SIP leg, in that order of preference."""
+    wanted = {_CODEC_IDS[name]: 250 - i for i, name in enumerate(codecs)}
+    for info in endpoint.codecEnum2():
+        endpoint.codecSetPriority(info.codecId, wanted.get(info.codecId, 0))
+
+
+class _Account(pj.Account):  # type: ignore[misc]
+    """The worker's SIP identity. Incoming calls are not handled yet: 480."""
+
+    def onIncomingCall(self, prm: Any) -> None:  # noqa: N802 - pjsua2 callback name
+        call = pj.Call(self, prm.callId)
+        op = pj.CallOpParam()
+        op.statusCode = 480
+        op.reason = "Incoming calls are not enabled on this gateway"
+        try:
+            call.hangup(op)
+        except pj.Error:
+            logger.exception("could not refuse incoming call")
+        del call
+
+
+class _OutgoingCall(pj.Call):  # type: ignore[misc]
+    """One outgoing INVITE; reports its states to the engine."""
+
+    def __init__(self, engine: SipEngine, account: Any, command: _MakeCall) -> None:
+        super().__init__(account)
+        self.engine = engine
+        self.key = command.key
+        self.port: BridgePort | None = BridgePort(command.from_sip, command.to_sip)
+        self.port.createPort(f"bridge{command.key}", audio_format())
+        self.deadline = time.monotonic() + engine.config.invite_timeout
+        self.responded = False
+        self.confirmed = False
+        self.ended = False  # SipEnded already sent
+        self.disconnected = False  # pjsua2 is done with the call
+        self.hangup_sent = False
+        self.codec = ""
+        self.connected_media: list[Any] = []
+
+    def onCallState(self, prm: Any) -> None:  # noqa: N802 - pjsua2 callback name
+        info = self.getInfo()
+        state = info.state
+        if state == pj.PJSIP_INV_STATE_EARLY:
+            self.responded = True
+            self.engine.emit(SipProgress(self.key, info.lastStatusCode, info.lastReason))
+        elif state == pj.PJSIP_INV_STATE_CONNECTING:
+            self.responded = True
+        elif state == pj.PJSIP_INV_STATE_CONFIRMED:
+            self.responded = True
+            self.confirmed = True
+            self.engine.emit(SipAnswered(self.key, self.codec))
+        elif state == pj.PJSIP_INV_STATE_DISCONNECTED:
+            self.disconnected = True
+            by: EndedBy = "local" if self.hangup_sent else "remote"
+            code = info.lastStatusCode
+            reason = info.lastReason
+            if by == "remote" and code == 200 and self.confirmed:
+                reason = "Remote hangup (BYE)"
+            if code == 0:
+                code, reason, by = 500, reason or "SIP transport error", "gateway"
+            self.engine.end(self, code, reason, by)
+
+    def onCallMediaState(self, prm: Any) -> None:  # noqa: N802 - pjsua2 callback name
+        info = self.getInfo()
+        for media in info.media:
+            if media.type != pj.PJMEDIA_TYPE_AUDIO:
+                continue
+            if media.status != pj.PJSUA_CALL_MEDIA_ACTIVE or self.port is None:
+                continue
+            audio = self.getAudioMedia(media.index)
+            if any(m.getPortId() == audio.getPortId() for m in self.connected_media):
+                continue
+            audio.startTransmit(self.port)
+            self.port.startTransmit(audio)
+            self.connected_media.append(audio)
+            stream = self.getStreamInfo(media.index)
+            self.codec = f"{stream.codecName}/{stream.codecClockRate}"
+
+
+class SipEngine:
+    """Owns this process's pjsua2 Endpoint and the thread that drives it."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        loop: asyncio.AbstractEventLoop,
+        on_event: Callable[[SipEvent], None],
+    ) -> None:
+        self.config = config
+        self._loop = loop
+        self._on_event = on_event
+        self._commands: queue.Queue[_MakeCall | _Hangup | None] = queue.Queue()
+        self._calls: dict[int, _OutgoingCall] = {}
+        self._thread: threading.Thread | None = None
+        self._started: asyncio.Future[int] | None = None
+        self._stopped = threading.Event()
+
+    # --- event-loop side -------------------------------------------------------------
+
+    async def start(self) -> int:
+        """Start the owner thread; returns the bound SIP UDP port."""
+        self._started = self._loop.create_future()
+        self._thread = threading.Thread(target=self._run, name="pjsua2", daemon=True)
+        self._thread.start()
+        return await self._started
+
+    def make_call(self, key: int, uri: str, from_sip: FrameBuffer, to_sip: FrameBuffer) -> None:
+        """Queue an INVITE to ``uri``; its audio goes to ``from_sip``, comes from ``to_sip``."""
+        self._commands.put(_MakeCall(key, uri, from_sip, to_sip))
+
+    def hangup(self, key: int) -> None:
+        """Queue a CANCEL or BYE for call ``key`` (no-op when it is already over)."""
+        self._commands.put(_Hangup(key))
+
+    async def stop(self) -> None:
+        """Hang up every call, destroy the Endpoint and join the thread."""
+        if self._thread is None:
+            return
+        self._commands.put(None)
+        await asyncio.to_thread(self._thread.join)
+        self._thread = None
+
+    # --- owner-thread side ------------------------------------------------------------
+
+    def emit(self, event: SipEvent) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._on_event, event)
+        except RuntimeError:  # loop closed during shutdown
+            pass
+
+    def end(self, call: _OutgoingCall, code: int, reason: str, by: EndedBy) -> None:
+        """Report the end of ``call`` to the browser side once."""
+        if not call.ended:
+            call.ended = True
+            self.emit(SipEnded(call.key, code, reason, by))
+
+    def _run(self) -> None:
+        config = self.config
+        try:
+            endpoint, transport_id, port = create_endpoint(
+                config.bind, config.port, config.log_level, config.max_calls, "sipgw"
+            )
+            set_codecs(endpoint, config.codecs)
+            account = _Account()
+            account_config = pj.AccountConfig()
+            account_config.idUri = f"sip:{config.user}@{config.bind}:{port}"
+            account_config.sipConfig.transportId = transport_id
+            account_config.mediaConfig.transportConfig.port = config.rtp_port
+            account_config.mediaConfig.transportConfig.portRange = 2000
+            account_config.mediaConfig.transportConfig.boundAddress = config.bind
+            account.create(account_config, True)
+        except pj.Error as exc:
+            self._fail_start(RuntimeError(f"SIP stack failed to start: {exc.info()}"))
+            return
+        except Exception as exc:
+            self._fail_start(exc)
+            return
+        self._loop.call_soon_threadsafe(_resolve, self._started, port)
+        try:
+            self._serve(endpoint, account)
+        finally:
+            self._shutdown(endpoint, account)
+
+    def _fail_start(self, exc: BaseException) -> None:
+        self._loop.call_soon_threadsafe(_reject, self._started, exc)
+
+    def _serve(self, endpoint: Any, account: Any) -> None:
+        while True:
+            endpoint.libHandleEvents(POLL_MS)
+            while True:
+                try:
+                    command = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+                if command is None:
+                    return
+                if isinstance(command, _MakeCall):
+                    self._make_call(account, command)
+                else:
+                    self._hangup(command.key)
+            self._check_timeouts()
+            self._reap()
+
+    def _make_call(self, account: Any, command: _MakeCall) -> None:
+        call = _OutgoingCall(self, account, command)
+        self._calls[command.key] = call
+        try:
+            call.makeCall(command.uri, pj.CallOpParam(True))
+        except pj.Error as exc:
+            code = 503 if exc.status == 70010 else 400 if "URI" in exc.reason else 500
+            call.disconnected = True
+            self.end(call, code, f"Call could not be placed: {exc.reason}", "gateway")
+
+    def _hangup(self, key: int) -> None:
+        call = self._calls.get(key)
+        if call is None or call.ended:
+            return
+        call.hangup_sent = True
+        # Tell the browser at once: pjsua2 may need a provisional response
+        # before it can CANCEL, and that can take until Timer B.
+        if call.confirmed:
+            self.end(call, 200, "Normal call clearing", "local")
+        else:
+            self.end(call, 487, "Request Terminated", "local")
+        self._send_hangup(call)
+
+    def _send_hangup(self, call: _OutgoingCall) -> None:
+        if call.disconnected:
+            return
+        try:
+            call.hangup(pj.CallOpParam(True))
+        except pj.Error as exc:
+            logger.debug("hangup of call %s: %s", call.key, exc.info())
+
+    def _check_timeouts(self) -> None:
+        now = time.monotonic()
+        for call in self._calls.values():
+            if not call.responded and not call.ended and now >= call.deadline:
+                call.hangup_sent = True
+                self.end(call, 408, "Request Timeout (no answer from the SIP target)", "gateway")
+                self._send_hangup(call)
+
+    def _reap(self) -> None:
+        """Delete pjsua2 objects of finished calls (never from inside their callbacks)."""
+        done = [key for key, call in self._calls.items() if call.disconnected]
+        for key in done:
+            call = self._calls.pop(key)
+            self._release_media(call)
+            del call
+            self.emit(SipReleased(key))
+
+    @staticmethod
+    def _release_media(call: _OutgoingCall) -> None:
+        port = call.port
+        if port is None:
+            return
+        for audio in call.connected_media:
+            try:
+                audio.stopTransmit(port)
+                port.stopTransmit(audio)
+            except pj.Error:
+                pass
+        call.connected_media.clear()
+        call.port = None
+        del port
+
+    def _shutdown(self, endpoint: Any, account: Any) -> None:
+        for call in self._calls.values():
+            if not call.ended:
+                call.hangup_sent = True
+                self.end(call, 503, "Gateway shutting down", "gateway")
+            self._send_hangup(call)
+        deadline = time.monotonic() + 2.0
+        while self._calls and time.monotonic() < deadline:
+            endpoint.libHandleEvents(POLL_MS)
+            self._reap()
+        for call in self._calls.values():
+            self._release_media(call)
+        self._calls.clear()
+        try:
+            account.shutdown()
+        except pj.Error:
+            pass
+        del account
+        endpoint.libDestroy()
+        self._stopped.set()
+
+
+def _resolve(future: asyncio.Future[int] | None, value: int) -> None:
+    if future is not None and not future.done():
+        future.set_result(value)
+
+
+def _reject(future: asyncio.Future[int] | None, exc: BaseException) -> None:
+    if future is not None and not future.done():
+        future.set_exception(exc)

@@ -1,0 +1,129 @@
+"""The embedded SIP targets: a small pjsua2 phone in its own process.
+
+``sip:echo@...`` answers and sends back what it hears; ``sip:tone@...``
+answers and plays a steady tone (1 kHz by default). They are reached over real
+SIP and RTP on loopback, exactly like a PBX, so a newcomer can hear a call
+without one. Any other user part gets 404. pjsua2 allows one Endpoint per
+process, hence the process of its own (started with ``spawn`` by the front).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import signal
+from multiprocessing.connection import Connection
+from typing import Any
+
+import pjsua2 as pj
+
+from gateway.media.frames import SAMPLE_RATE
+
+from .engine import POLL_MS, create_endpoint, set_codecs
+
+logger = logging.getLogger(__name__)
+
+TARGETS = ("echo", "tone")
+_USER = re.compile(r"sips?:([^@;>]+)@")
+
+
+class _TargetCall(pj.Call):  # type: ignore[misc]
+    def __init__(self, account: Any, call_id: int, target: str, tone_hz: int) -> None:
+        super().__init__(account, call_id)
+        self.target = target
+        self.tone_hz = tone_hz
+        self.tone: Any = None
+        self.done = False
+
+    def onCallState(self, prm: Any) -> None:  # noqa: N802 - pjsua2 callback name
+        if self.getInfo().state == pj.PJSIP_INV_STATE_DISCONNECTED:
+            self.done = True
+
+    def onCallMediaState(self, prm: Any) -> None:  # noqa: N802 - pjsua2 callback name
+        info = self.getInfo()  # keep it alive: .media of a temporary dangles (SWIG)
+        for media in info.media:
+            if media.type != pj.PJMEDIA_TYPE_AUDIO or media.status != pj.PJSUA_CALL_MEDIA_ACTIVE:
+                continue
+            audio = self.getAudioMedia(media.index)
+            if self.target == "echo":
+                audio.startTransmit(audio)
+            elif self.tone is None:
+                self.tone = pj.ToneGenerator()
+                self.tone.createToneGenerator(SAMPLE_RATE, 1)
+                tone = pj.ToneDesc()
+                tone.freq1 = self.tone_hz
+                tone.freq2 = 0
+                tone.on_msec = 10000
+                tone.off_msec = 0
+                tone.volume = 0
+                tones = pj.ToneDescVector()
+                tones.append(tone)
+                self.tone.play(tones, True)
+                self.tone.startTransmit(audio)
+
+
+class _TargetAccount(pj.Account):  # type: ignore[misc]
+    def __init__(self, tone_hz: int) -> None:
+        super().__init__()
+        self.tone_hz = tone_hz
+        self.calls: list[_TargetCall] = []
+
+    def onIncomingCall(self, prm: Any) -> None:  # noqa: N802 - pjsua2 callback name
+        # One Call object per call id: deleting a pjsua2 Call hangs the call up.
+        call = _TargetCall(self, prm.callId, "", self.tone_hz)
+        match = _USER.search(call.getInfo().localUri)
+        target = call.target = match.group(1) if match else ""
+        op = pj.CallOpParam()
+        if target not in TARGETS:
+            op.statusCode = 404
+            op.reason = "No such embedded target"
+            call.answer(op)
+            call.done = True
+        else:
+            op.statusCode = 180
+            call.answer(op)
+            op = pj.CallOpParam()
+            op.statusCode = 200
+            call.answer(op)
+        self.calls.append(call)
+
+
+def run_targets(conn: Connection, bind: str, port: int, tone_hz: int, log_level: int) -> None:
+    """Process entry point: send the bound port on ``conn``, serve until it closes."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s targets %(levelname)s %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    endpoint, transport_id, bound = create_endpoint(bind, port, log_level, 4, "sipgw-embedded")
+    set_codecs(endpoint, ("PCMU", "PCMA", "G722"))
+    account = _TargetAccount(tone_hz)
+    config = pj.AccountConfig()
+    config.idUri = f"sip:targets@{bind}:{bound}"
+    config.sipConfig.transportId = transport_id
+    config.mediaConfig.transportConfig.port = 41000
+    config.mediaConfig.transportConfig.portRange = 2000
+    config.mediaConfig.transportConfig.boundAddress = bind
+    account.create(config, True)
+    conn.send(bound)
+    logger.info("embedded targets %s on sip:%s:%s", ", ".join(TARGETS), bind, bound)
+    try:
+        while True:
+            endpoint.libHandleEvents(POLL_MS)
+            if conn.poll(0):
+                break
+            for call in [c for c in account.calls if c.done]:
+                account.calls.remove(call)
+                call.tone = None
+                del call
+    except (EOFError, OSError):
+        pass
+    finally:
+        for call in account.calls:
+            try:
+                call.hangup(pj.CallOpParam(True))
+            except pj.Error:
+                pass
+        for _ in range(20):
+            endpoint.libHandleEvents(POLL_MS)
+        account.calls.clear()
+        account.shutdown()
+        del account
+        endpoint.libDestroy()

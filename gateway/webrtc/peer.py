@@ -1,0 +1,162 @@
+"""The WebRTC leg: one aiortc peer connection that answers a browser's offer.
+
+Audio only. Opus is preferred, PCMU and PCMA are accepted; any video the
+browser offers is declined. With no ICE servers configured aiortc gathers host
+candidates only, so answering never waits on STUN.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from aiortc import (
+    RTCConfiguration,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCRtpSender,
+    RTCSessionDescription,
+)
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.sdp import SessionDescription
+
+logger = logging.getLogger(__name__)
+
+#: Codecs accepted from the browser, most preferred first.
+PREFERRED_CODECS = ("audio/opus", "audio/PCMU", "audio/PCMA")
+
+
+class BadOffer(ValueError):
+    """The browser's SDP offer cannot be answered (unparsable, or no audio)."""
+
+
+@dataclass(frozen=True)
+class IceServerParams:
+    """A STUN/TURN server as aiortc wants it."""
+
+    urls: tuple[str, ...]
+    username: str | None = None
+    credential: str | None = None
+
+
+def check_offer(sdp: str) -> None:
+    """Raise :class:`BadOffer` unless ``sdp`` parses and has an active audio section."""
+    if "\r\n" not in sdp and "\n" not in sdp:
+        raise BadOffer("offer is not an SDP document")
+    try:
+        description = SessionDescription.parse(sdp)
+    except Exception as exc:  # aiortc raises ValueError/IndexError/KeyError on junk
+        raise BadOffer(f"offer SDP could not be parsed: {exc!r}") from None
+    audio = [m for m in description.media if m.kind == "audio" and m.port != 0]
+    if not audio:
+        raise BadOffer("offer has no audio section")
+    if not any(c.mimeType.lower() in {p.lower() for p in PREFERRED_CODECS} for c in audio[0].rtp.codecs):
+        raise BadOffer("offer has none of the audio codecs opus, PCMU, PCMA")
+
+
+class WebRtcLeg:
+    """Answers one browser offer and exposes the browser's audio track."""
+
+    def __init__(
+        self,
+        ice_servers: Sequence[IceServerParams],
+        on_failed: Callable[[str], None],
+    ) -> None:
+        servers = [
+            RTCIceServer(urls=list(s.urls), username=s.username, credential=s.credential)
+            for s in ice_servers
+        ]
+        # An explicit empty list: aiortc would otherwise add a public STUN server.
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=servers))
+        self._on_failed = on_failed
+        self._remote_track: asyncio.Future[MediaStreamTrack] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self.codec = ""
+        self.pc.on("track", self._on_track)
+        self.pc.on("connectionstatechange", self._on_state)
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        if track.kind == "audio" and not self._remote_track.done():
+            self._remote_track.set_result(track)
+
+    async def _on_state(self) -> None:
+        state = self.pc.connectionState
+        logger.debug("webrtc connection state %s", state)
+        if state == "failed":
+            self._on_failed("ICE connection failed")
+
+    async def answer(self, offer_sdp: str, outgoing: MediaStreamTrack) -> str:
+        """Apply the browser's offer, attach ``outgoing`` and return the answer SDP."""
+        check_offer(offer_sdp)
+        try:
+            await self.pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
+        except Exception as exc:
+            raise BadOffer(f"offer rejected: {exc}") from None
+        audio = None
+        for transceiver in self.pc.getTransceivers():
+            if transceiver.kind == "audio" and audio is None:
+                audio = transceiver
+            else:
+                transceiver.direction = "inactive"
+        if audio is None:  # pragma: no cover - check_offer guarantees one
+            raise BadOffer("offer has no audio section")
+        capabilities = RTCRtpSender.getCapabilities("audio").codecs
+        preferences = [
+            codec
+            for name in PREFERRED_CODECS
+            for codec in capabilities
+            if codec.mimeType.lower() == name.lower()
+        ]
+        audio.setCodecPreferences(preferences)
+        self.pc.addTrack(outgoing)
+        answer = await self.pc.createAnswer()
+        await self.pc.setLocalDescription(answer)
+        local = self.pc.localDescription.sdp
+        self.codec = negotiated_codec(local)
+        return str(local)
+
+    async def remote_audio(self) -> MediaStreamTrack:
+        """The browser's audio track (known once the offer is applied)."""
+        return await self._remote_track
+
+    async def close(self) -> None:
+        if not self._remote_track.done():
+            self._remote_track.set_exception(MediaStreamError())
+            self._remote_track.exception()  # mark retrieved
+        await self.pc.close()
+
+
+def negotiated_codec(sdp: str) -> str:
+    """The first audio codec of an answer, as ``name/clockrate`` (``opus/48000``)."""
+    for media in SessionDescription.parse(sdp).media:
+        if media.kind == "audio" and media.rtp.codecs:
+            codec = media.rtp.codecs[0]
+            return f"{codec.mimeType.split('/', 1)[1]}/{codec.clockRate}"
+    return ""
+
+
+def restrict_host_addresses(addresses: Sequence[str]) -> None:
+    """Offer only ``addresses`` as ICE host candidates in this process.
+
+    aioice gathers on every interface and never on loopback; a gateway serving
+    a browser on the same host (the embedded default, the tests) needs
+    127.0.0.1, and an operator may want to pin one public interface.
+    """
+    import ipaddress
+
+    import aioice.ice
+
+    chosen = list(addresses)
+
+    def host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+        return [
+            a
+            for a in chosen
+            if (use_ipv4 and ipaddress.ip_address(a).version == 4)
+            or (use_ipv6 and ipaddress.ip_address(a).version == 6)
+        ]
+
+    aioice.ice.get_host_addresses = host_addresses
