@@ -150,4 +150,10 @@ async def _health(request: web.Request) -> web.Response:
     pool = request.app[POOL]
     ready = sum(1 for w in pool.workers if w.ready)
     status = 200 if ready else 503
-    return web.json_response({"workers_ready": ready, "workers": len(pool.workers)}, status=status)
+    body = {
+        "workers_ready": ready,
+        "workers": len(pool.workers),
+        "calls_active": request.app[MANAGER].active,
+        "worker_pids": [w.process.pid if w.process else None for w in pool.workers],
+    }
+    return web.json_response(body, status=status)
