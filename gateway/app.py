@@ -8,6 +8,8 @@ with GOING_AWAY.
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import logging
 from collections.abc import AsyncIterator
 from importlib import resources
@@ -38,10 +40,15 @@ def ice_addresses(config: Config) -> tuple[str, ...]:
     """The ICE host addresses workers offer: configured, else loopback for a loopback front."""
     if config.webrtc.ice_addresses:
         return config.webrtc.ice_addresses
-    if config.http.host in ("127.0.0.1", "localhost"):
+    host = config.http.host
+    if host == "localhost":
         return ("127.0.0.1",)
-    if config.http.host == "::1":
-        return ("::1",)
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return ()
+    if address.is_loopback:
+        return ("::1",) if address.version == 6 else ("127.0.0.1",)
     return ()
 
 
@@ -132,7 +139,14 @@ async def _workers_and_calls(app: web.Application) -> AsyncIterator[None]:
 
 async def _close_sockets(app: web.Application) -> None:
     if MANAGER in app:
-        app[MANAGER].end_all(503, "Gateway shutting down")
+        manager = app[MANAGER]
+        manager.end_all(503, "Gateway shutting down")
+        # Let the hangup events reach the browsers before their sockets close.
+        for _ in range(100):
+            if not manager.active:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.05)
     for ws in list(app[SOCKETS]):
         await ws.close(code=WSCloseCode.GOING_AWAY, message=b"gateway shutting down")
 

@@ -39,6 +39,8 @@ class HttpConfig:
     max_calls_per_connection: int = 8
 
     def validate(self) -> None:
+        if self.host != "localhost":
+            _check_ip("http.host", self.host)
         _check_port("http.port", self.port)
         _check_range("http.max_message_bytes", self.max_message_bytes, 1024, 16 * 1024 * 1024)
         _check_range("http.max_calls_per_connection", self.max_calls_per_connection, 1, 1000)
@@ -68,22 +70,29 @@ class SipConfig:
     bind: str = "127.0.0.1"
     #: SIP UDP port of worker 0; worker N uses port + N. 0 picks free ports.
     port: int = 0
-    #: First RTP port tried by each worker (pjsua2 moves on when one is taken).
-    rtp_port: int = 40000
+    #: Start of the RTP port block: worker N uses ``rtp_port + 100 * N`` to ``+ 99``.
+    #: Below Linux's ephemeral range (32768+), where aiortc's sockets live.
+    rtp_port: int = 20000
     #: User part of the From header on outgoing calls.
     user: str = "sipgw"
     #: Codecs offered on the SIP leg, most preferred first.
     codecs: tuple[str, ...] = ("PCMU", "PCMA", "G722")
-    #: Seconds to wait for any response to an INVITE before reporting 408.
-    invite_timeout: float = 32.0
-    #: pjsip log level written to the worker's stderr (0 = off, 5 = everything).
+    #: Seconds to wait for the target to ring (18x) or answer before giving up with 408.
+    #: Below pjsip's own 32 s INVITE timeout, so the gateway's 408 is the one reported.
+    invite_timeout: float = 30.0
+    #: pjsip log level written to the worker's stderr (0 = off, 6 = everything).
     log_level: int = 1
 
     def validate(self) -> None:
         _check_ip("sip.bind", self.bind)
+        if ipaddress.ip_address(self.bind).is_unspecified:
+            raise ConfigError(
+                f"config: sip.bind = {self.bind!r}: give the address the PBX should reach "
+                "(it appears in the From and Contact headers), not a wildcard"
+            )
         if self.port != 0:
             _check_port("sip.port", self.port)
-        _check_port("sip.rtp_port", self.rtp_port)
+        _check_range("sip.rtp_port", self.rtp_port, 1024, 65435)
         _check_token("sip.user", self.user)
         known = {"PCMU", "PCMA", "G722"}
         if not self.codecs:
@@ -136,6 +145,8 @@ class EmbeddedConfig:
     bind: str = "127.0.0.1"
     #: SIP UDP port of the embedded targets; 0 picks a free one.
     port: int = 0
+    #: First of the 100 RTP ports the embedded targets may use.
+    rtp_port: int = 19000
     #: Frequency of the ``tone`` target, in Hz.
     tone_hz: int = 1000
 
@@ -143,6 +154,7 @@ class EmbeddedConfig:
         _check_ip("embedded.bind", self.bind)
         if self.port != 0:
             _check_port("embedded.port", self.port)
+        _check_range("embedded.rtp_port", self.rtp_port, 1024, 65435)
         _check_range("embedded.tone_hz", self.tone_hz, 50, 3900)
 
 
@@ -169,6 +181,17 @@ class Config:
     def validate(self) -> None:
         for section in (self.http, self.workers, self.sip, self.webrtc, self.embedded):
             section.validate()
+        last = self.workers.count - 1
+        if self.sip.port and self.sip.port + last > 65535:
+            raise ConfigError(
+                f"config: sip.port = {self.sip.port}: worker {last} would need port "
+                f"{self.sip.port + last} (worker N uses sip.port + N)"
+            )
+        if self.sip.rtp_port + 100 * self.workers.count > 65536:
+            raise ConfigError(
+                f"config: sip.rtp_port = {self.sip.rtp_port}: {self.workers.count} workers need "
+                f"100 RTP ports each, past port 65535"
+            )
         if not self.embedded.enabled:
             for rule in self.rules:
                 if rule.target and "{embedded}" in rule.target:
@@ -309,5 +332,5 @@ def _check_ip(key: str, value: str) -> None:
 
 
 def _check_token(key: str, value: str) -> None:
-    if not value or not all(c.isalnum() or c in "-_.!~*'()+" for c in value):
+    if not value or not all((c.isascii() and c.isalnum()) or c in "-_.!~*'()+" for c in value):
         raise ConfigError(f"config: {key} = {value!r} is not a valid SIP user part")

@@ -17,7 +17,7 @@ class Metrics:
     setup_seconds_sum: float = 0.0
     setup_count: int = 0
     frames: Counter[str] = field(default_factory=Counter)  # uplink/downlink counters
-    worker_restarts: int = 0
+    worker_deaths: int = 0
     websockets_active: int = 0
 
     def render(self) -> str:
@@ -38,8 +38,8 @@ class Metrics:
             f"sipgw_call_setup_seconds_count {self.setup_count}",
             "# TYPE sipgw_media_frames_total counter",
             *(f'sipgw_media_frames_total{{kind="{k}"}} {n}' for k, n in sorted(self.frames.items())),
-            "# TYPE sipgw_worker_restarts_total counter",
-            f"sipgw_worker_restarts_total {self.worker_restarts}",
+            "# TYPE sipgw_worker_deaths_total counter",
+            f"sipgw_worker_deaths_total {self.worker_deaths}",
             "# TYPE sipgw_websockets_active gauge",
             f"sipgw_websockets_active {self.websockets_active}",
         ]

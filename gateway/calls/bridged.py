@@ -50,6 +50,7 @@ class BridgedCall:
         ice_servers: Sequence[IceServerParams],
         send: Callable[[FromWorker], None],
         on_released: Callable[[int], None],
+        loopback_only: bool = False,
     ) -> None:
         self.key = key
         self.state = State.NEW
@@ -57,6 +58,7 @@ class BridgedCall:
         self._ice_servers = ice_servers
         self._send = send
         self._on_released = on_released
+        self._loopback_only = loopback_only
         self._bridge = MediaBridge()
         self._webrtc: WebRtcLeg | None = None
         self._sip_placed = False
@@ -67,7 +69,7 @@ class BridgedCall:
 
     async def start(self, offer_sdp: str, uri: str) -> None:
         """Answer the browser's offer, then send the INVITE."""
-        self._webrtc = WebRtcLeg(self._ice_servers, self._on_webrtc_failed)
+        self._webrtc = WebRtcLeg(self._ice_servers, self._on_webrtc_failed, self._loopback_only)
         try:
             answer = await self._webrtc.answer(offer_sdp, SipAudioTrack(self._bridge.from_sip))
         except BadOffer as exc:

@@ -120,6 +120,12 @@ class CallManager:
                 call=call_id,
             )
         key = next(self._keys)
+        if not any(w.ready for w in self._pool.workers):
+            self._metrics.calls_refused["unavailable"] += 1
+            raise ProtocolError(
+                "unavailable", "no gateway worker is running; try again shortly",
+                id=request_id, call=call_id,
+            )
         worker = self._pool.acquire(key)
         if worker is None:
             self._metrics.calls_refused["busy"] += 1
@@ -158,8 +164,9 @@ class CallManager:
     def drop_owner(self, owner: CallOwner) -> None:
         """The owner's WebSocket closed: end all its calls; nobody hears the events."""
         for call in list(owner.calls.values()):
-            call.state = CallState.ENDING
-            self._pool.send(call.worker, EndCall(call.key, 487, "WebSocket closed", "local"))
+            if call.state is not CallState.ENDING:
+                call.state = CallState.ENDING
+                self._pool.send(call.worker, EndCall(call.key))
         owner.calls.clear()
 
     def end_all(self, code: int, reason: str) -> None:
@@ -215,7 +222,7 @@ class CallManager:
 
     def on_worker_lost(self, worker: WorkerHandle) -> None:
         """A worker died: its calls are gone on both legs as far as we can tell."""
-        self._metrics.worker_restarts += 1
+        self._metrics.worker_deaths += 1
         for call in [c for c in self._calls.values() if c.worker is worker]:
             listening = call.owner.calls.get(call.call_id) is call
             self._forget(call)

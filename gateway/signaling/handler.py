@@ -15,7 +15,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import asdict
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from gateway.calls.manager import CallManager, FrontCall
 from gateway.config import IceServer
@@ -65,6 +65,7 @@ class Session:
         self._max_message_bytes = max_message_bytes
         self._max_calls = max_calls
         self._outbox: asyncio.Queue[str | None] = asyncio.Queue(SEND_QUEUE)
+        self._closers: set[asyncio.Future[bool]] = set()
         self._handlers: dict[type, Callable[[Request], None]] = {
             Hello: self._on_hello,  # type: ignore[dict-item]
             Call: self._on_call,  # type: ignore[dict-item]
@@ -78,8 +79,11 @@ class Session:
             self._outbox.put_nowait(encode(event))
         except asyncio.QueueFull:
             logger.warning("session %s: browser is not reading; closing", self.id)
-            self._outbox = asyncio.Queue(1)
-            self._outbox.put_nowait(None)
+            task = asyncio.ensure_future(
+                self._ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"not reading")
+            )
+            self._closers.add(task)
+            task.add_done_callback(self._closers.discard)
 
     async def run(self) -> None:
         writer = asyncio.create_task(self._write(), name=f"ws-writer-{self.id}")

@@ -233,7 +233,7 @@ def _parse_call(data: dict[str, Any], request_id: str | None) -> Call:
     call = _call_id(data, request_id)
     to = _string(data, "to", request_id, call=call)
     sdp = _string(data, "sdp", request_id, call=call)
-    if len(sdp) > MAX_SDP_BYTES:
+    if len(sdp.encode("utf-8", "surrogatepass")) > MAX_SDP_BYTES:
         raise ProtocolError(
             "bad_request", f"call: field 'sdp' is longer than {MAX_SDP_BYTES} bytes",
             id=request_id, call=call,

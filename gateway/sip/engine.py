@@ -43,10 +43,12 @@ class EngineConfig:
 
     bind: str = "127.0.0.1"
     port: int = 0
-    rtp_port: int = 40000
+    rtp_port: int = 20000
+    #: How many RTP ports from ``rtp_port`` this process may use.
+    rtp_port_range: int = 100
     user: str = "sipgw"
     codecs: tuple[str, ...] = ("PCMU", "PCMA", "G722")
-    invite_timeout: float = 32.0
+    invite_timeout: float = 30.0
     log_level: int = 1
     max_calls: int = 4
 
@@ -246,8 +248,11 @@ class SipEngine:
             account_config.idUri = f"sip:{config.user}@{config.bind}:{port}"
             account_config.sipConfig.transportId = transport_id
             account_config.mediaConfig.transportConfig.port = config.rtp_port
-            account_config.mediaConfig.transportConfig.portRange = 2000
+            account_config.mediaConfig.transportConfig.portRange = config.rtp_port_range
             account_config.mediaConfig.transportConfig.boundAddress = config.bind
+            # Use the first codec of the answer as it is: no UPDATE/re-INVITE to
+            # "lock" it, which some PBXes and SBCs handle badly.
+            account_config.mediaConfig.lockCodecEnabled = False
             account.create(account_config, True)
         except pj.Error as exc:
             self._fail_start(RuntimeError(f"SIP stack failed to start: {exc.info()}"))

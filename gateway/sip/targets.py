@@ -88,7 +88,9 @@ class _TargetAccount(pj.Account):  # type: ignore[misc]
         self.calls.append(call)
 
 
-def run_targets(conn: Connection, bind: str, port: int, tone_hz: int, log_level: int) -> None:
+def run_targets(
+    conn: Connection, bind: str, port: int, rtp_port: int, tone_hz: int, log_level: int
+) -> None:
     """Process entry point: send the bound port on ``conn``, serve until it closes."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s targets %(levelname)s %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -98,8 +100,8 @@ def run_targets(conn: Connection, bind: str, port: int, tone_hz: int, log_level:
     config = pj.AccountConfig()
     config.idUri = f"sip:targets@{bind}:{bound}"
     config.sipConfig.transportId = transport_id
-    config.mediaConfig.transportConfig.port = 41000
-    config.mediaConfig.transportConfig.portRange = 2000
+    config.mediaConfig.transportConfig.port = rtp_port
+    config.mediaConfig.transportConfig.portRange = 100
     config.mediaConfig.transportConfig.boundAddress = bind
     account.create(config, True)
     conn.send(bound)

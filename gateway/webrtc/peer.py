@@ -63,6 +63,7 @@ class WebRtcLeg:
         self,
         ice_servers: Sequence[IceServerParams],
         on_failed: Callable[[str], None],
+        loopback_only: bool = False,
     ) -> None:
         servers = [
             RTCIceServer(urls=list(s.urls), username=s.username, credential=s.credential)
@@ -71,6 +72,7 @@ class WebRtcLeg:
         # An explicit empty list: aiortc would otherwise add a public STUN server.
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=servers))
         self._on_failed = on_failed
+        self._loopback_only = loopback_only
         self._remote_track: asyncio.Future[MediaStreamTrack] = (
             asyncio.get_running_loop().create_future()
         )
@@ -91,6 +93,8 @@ class WebRtcLeg:
     async def answer(self, offer_sdp: str, outgoing: MediaStreamTrack) -> str:
         """Apply the browser's offer, attach ``outgoing`` and return the answer SDP."""
         check_offer(offer_sdp)
+        if self._loopback_only:
+            offer_sdp = loopback_candidates_only(offer_sdp)
         try:
             await self.pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
         except Exception as exc:
@@ -136,6 +140,27 @@ def negotiated_codec(sdp: str) -> str:
             codec = media.rtp.codecs[0]
             return f"{codec.mimeType.split('/', 1)[1]}/{codec.clockRate}"
     return ""
+
+
+def loopback_candidates_only(sdp: str) -> str:
+    """Drop the offer's ICE candidates that are not on loopback.
+
+    A gateway whose own candidates are loopback only (the embedded default, the
+    tests) must not send connectivity checks to a browser's other addresses.
+    """
+    import ipaddress
+
+    kept = []
+    for line in sdp.splitlines(keepends=True):
+        if line.startswith("a=candidate:"):
+            parts = line.split()
+            try:
+                if len(parts) < 5 or not ipaddress.ip_address(parts[4]).is_loopback:
+                    continue
+            except ValueError:  # an mDNS .local name: not loopback
+                continue
+        kept.append(line)
+    return "".join(kept)
 
 
 def restrict_host_addresses(addresses: Sequence[str]) -> None:

@@ -27,7 +27,7 @@ class EmbeddedTargets:
         parent, child = _SPAWN.Pipe()
         process = _SPAWN.Process(
             target=run_targets,
-            args=(child, config.bind, config.port, config.tone_hz, log_level),
+            args=(child, config.bind, config.port, config.rtp_port, config.tone_hz, log_level),
             name="sipgw-targets",
             daemon=True,
         )

@@ -200,8 +200,18 @@ class WorkerPool:
 
 
 def worker_settings(base: WorkerSettings, count: int, port: int) -> list[WorkerSettings]:
-    """One settings object per worker: worker N gets SIP port ``port + N`` (0 stays 0)."""
+    """One settings object per worker: worker N gets SIP port ``port + N`` (0 stays 0)
+    and the RTP ports ``rtp_port + 100 N`` to ``+ 99``."""
     return [
-        replace(base, index=i, engine=replace(base.engine, port=port + i if port else 0))
+        replace(
+            base,
+            index=i,
+            engine=replace(
+                base.engine,
+                port=port + i if port else 0,
+                rtp_port=base.engine.rtp_port + 100 * i,
+                rtp_port_range=100,
+            ),
+        )
         for i in range(count)
     ]

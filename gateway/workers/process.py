@@ -10,6 +10,7 @@ when the front's end of the pipe closes.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -73,6 +74,10 @@ class Worker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._inbox: asyncio.Queue[ToWorker | None] = asyncio.Queue()
         self._engine: SipEngine | None = None
+        addresses = settings.ice_addresses
+        self._loopback_only = bool(addresses) and all(
+            ipaddress.ip_address(a).is_loopback for a in addresses
+        )
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -114,6 +119,7 @@ class Worker:
                 self._settings.ice_servers,
                 self._send,
                 self._forget,
+                self._loopback_only,
             )
             self._calls[message.key] = call
             self._spawn(call.start(message.offer_sdp, message.uri))
