@@ -8,125 +8,18 @@ rejects ``blocked<digits>``; anything else matches nothing (403).
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-TEST_CONFIG = """
-[http]
-host = "127.0.0.1"
-port = {http_port}
-max_message_bytes = 65536
+from peers.gateway import ROOT, Gateway, free_port, start_gateway, stop_gateway  # noqa: E402
 
-[workers]
-count = 2
-calls_per_worker = 4
-restart_delay = 0.5
+__all__ = ["ROOT", "Gateway", "free_port"]
 
-[sip]
-bind = "127.0.0.1"
-invite_timeout = 3.0
-
-[webrtc]
-ice_addresses = ["127.0.0.1"]
-
-[[dialplan.rules]]
-name = "echo"
-exact = "echo"
-target = "sip:echo@{{embedded}}"
-
-[[dialplan.rules]]
-name = "tone"
-exact = "tone"
-target = "sip:tone@{{embedded}}"
-
-[[dialplan.rules]]
-name = "blocked"
-regex = "blocked[0-9]+"
-reject = 403
-reason = "Blocked by test policy"
-
-[[dialplan.rules]]
-name = "sipp"
-regex = "sipp(?P<port>[0-9]{{4,5}})"
-target = "sip:phone@127.0.0.1:{{port}}"
-"""
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Gateway:
-    """A running gateway subprocess."""
-
-    url: str
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def health(self) -> dict[str, object]:
-        with urllib.request.urlopen(f"{self.url}/healthz", timeout=2) as response:
-            return dict(json.loads(response.read()))
-
-    def metrics(self) -> str:
-        with urllib.request.urlopen(f"{self.url}/metrics", timeout=2) as response:
-            return str(response.read().decode())
-
-    def wait_ready(self, timeout: float = 60.0, workers: int = 2) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"gateway exited: {self.log.read_text()[-3000:]}")
-            try:
-                if self.health().get("workers_ready") == workers:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"gateway not ready: {self.log.read_text()[-3000:]}")
-
-
-def start_gateway(tmp: Path, config_text: str | None = None) -> Gateway:
-    http_port = free_port()
-    config = tmp / "gateway.toml"
-    config.write_text(config_text or TEST_CONFIG.format(http_port=http_port))
-    log = tmp / "gateway.log"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "--config", str(config)],
-        cwd=ROOT,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-    )
-    return Gateway(f"http://127.0.0.1:{http_port}", process, log)
-
-
-def stop_gateway(gateway: Gateway) -> None:
-    if gateway.process.poll() is None:
-        gateway.process.send_signal(signal.SIGINT)
-        try:
-            gateway.process.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(gateway.process.pid, signal.SIGKILL)
-            gateway.process.wait(5)
 
 
 @pytest.fixture(scope="session")

@@ -31,9 +31,11 @@ class BridgeStats:
 class MediaBridge:
     """Joins one WebRTC leg and one SIP leg through two bounded buffers."""
 
-    def __init__(self, depth: int = 6) -> None:
+    def __init__(self, depth: int = 6, prefill: int = 2) -> None:
+        # pjmedia's clock pulls the uplink steadily while aiortc delivers decoded
+        # frames in bursts: 40 ms of prefill absorbs that.
         self.from_sip = FrameBuffer(depth)
-        self.to_sip = FrameBuffer(depth)
+        self.to_sip = FrameBuffer(depth, prefill)
         self._uplink: asyncio.Task[None] | None = None
 
     def start_uplink(self, track: Any) -> None:

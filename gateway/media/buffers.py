@@ -26,11 +26,18 @@ class BufferStats:
 
 
 class FrameBuffer:
-    """Bounded FIFO of 20 ms PCM frames (``bytes``), oldest dropped when full."""
+    """Bounded FIFO of 20 ms PCM frames (``bytes``), oldest dropped when full.
 
-    def __init__(self, depth: int = 6) -> None:
+    With ``prefill`` > 1 it is a minimal jitter buffer: after start and after
+    every underrun it plays nothing until ``prefill`` frames are queued, so a
+    producer that delivers in bursts does not cause one gap per burst.
+    """
+
+    def __init__(self, depth: int = 6, prefill: int = 1) -> None:
         self._frames: deque[bytes] = deque(maxlen=depth)
         self._depth = depth
+        self._prefill = prefill
+        self._filling = prefill > 1
         self.pushed = 0
         self.popped = 0
         self.missing = 0
@@ -44,11 +51,18 @@ class FrameBuffer:
 
     def pop(self) -> bytes | None:
         """The oldest frame, or ``None`` when empty (counted as missing once audio has begun)."""
+        if self._filling:
+            if len(self._frames) < self._prefill:
+                if self.popped:
+                    self.missing += 1
+                return None
+            self._filling = False
         try:
             frame = self._frames.popleft()
         except IndexError:
             if self.pushed:
                 self.missing += 1
+            self._filling = self._prefill > 1
             return None
         self.popped += 1
         return frame

@@ -53,4 +53,4 @@ async def test_killed_worker_hangs_up_its_calls_and_restarts(gateway):
         tone = call2.measure(1.0)
         assert abs(tone.hz - 1000) <= 10, tone
         await client.hangup("after")
-    assert "sipgw_worker_restarts_total" in gateway.metrics()
+    assert "sipgw_worker_deaths_total 1" in gateway.metrics()

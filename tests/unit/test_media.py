@@ -58,3 +58,17 @@ def test_media_port_reads_vectors_exactly():
     vector = pj.ByteVector(data)
     assert read_vector is _fast_read
     assert read_vector(vector) == bytes(vector) == data
+
+
+def test_prefill_waits_for_frames_after_start_and_after_underrun():
+    buffer = FrameBuffer(depth=6, prefill=2)
+    buffer.push(b"a")
+    assert buffer.pop() is None  # one frame is not enough to start
+    buffer.push(b"b")
+    assert [buffer.pop(), buffer.pop()] == [b"a", b"b"]
+    assert buffer.pop() is None  # underrun: counted, and prefill re-arms
+    buffer.push(b"c")
+    assert buffer.pop() is None
+    buffer.push(b"d")
+    assert buffer.pop() == b"c"
+    assert buffer.missing == 2
