@@ -133,8 +133,10 @@ async def run(calls: int, seconds: float, workers: int) -> None:
             f"worst {max(setup) * 1000:.0f} ms"
         )
     per_call = (cpu_pct - idle_pct) / max(len(setup), 1)
-    print(f"  gateway CPU              {cpu_pct:.1f}% of a core in all (idle {idle_pct:.1f}%), "
-          f"{per_call:.1f}% per call above idle")
+    print(
+        f"  gateway CPU              {cpu_pct:.1f}% of a core in all (idle {idle_pct:.1f}%), "
+        f"{per_call:.1f}% per call above idle"
+    )
     for direction in ("uplink", "downlink"):
         total = delta.get(f"{direction}_frames", 0)
         print(
@@ -142,8 +144,10 @@ async def run(calls: int, seconds: float, workers: int) -> None:
             f"{delta.get(f'{direction}_missing', 0)} missing (silence played), "
             f"{delta.get(f'{direction}_dropped', 0)} dropped"
         )
-    print(f"  client frames received   {got} of {expected:.0f} expected "
-          f"({(1 - got / expected) * 100 if expected else 0:.2f}% late or missing)")
+    print(
+        f"  client frames received   {got} of {expected:.0f} expected "
+        f"({(1 - got / expected) * 100 if expected else 0:.2f}% late or missing)"
+    )
 
 
 def main() -> None:

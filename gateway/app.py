@@ -19,8 +19,8 @@ from aiohttp import WSCloseCode, web
 from gateway.calls.manager import CallManager
 from gateway.config import Config
 from gateway.metrics import Metrics
-from gateway.sip.engine import EngineConfig
 from gateway.signaling.handler import websocket_handler
+from gateway.sip.engine import EngineConfig
 from gateway.webrtc.peer import IceServerParams
 from gateway.workers.embedded import EmbeddedTargets
 from gateway.workers.pool import WorkerPool, worker_settings
@@ -33,7 +33,7 @@ METRICS = web.AppKey("metrics", Metrics)
 TARGETS = web.AppKey("targets", EmbeddedTargets)
 POOL = web.AppKey("pool", WorkerPool)
 MANAGER = web.AppKey("manager", CallManager)
-SOCKETS = web.AppKey("sockets", set[web.WebSocketResponse])
+SOCKETS: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("sockets")
 
 
 def ice_addresses(config: Config) -> tuple[str, ...]:
@@ -147,7 +147,8 @@ async def _close_sockets(app: web.Application) -> None:
                 break
             await asyncio.sleep(0.02)
         await asyncio.sleep(0.05)
-    for ws in list(app[SOCKETS]):
+    sockets: set[web.WebSocketResponse] = app[SOCKETS]
+    for ws in list(sockets):
         await ws.close(code=WSCloseCode.GOING_AWAY, message=b"gateway shutting down")
 
 

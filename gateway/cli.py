@@ -14,7 +14,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="sipgw", description="SIP/WebRTC gateway: browsers call phones."
     )
-    parser.add_argument("--config", type=Path, help="TOML configuration file (default: embedded demo)")
+    parser.add_argument(
+        "--config", type=Path, help="TOML configuration file (default: embedded demo)"
+    )
     parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
@@ -46,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
             shutdown_timeout=5.0,
         )
     except OSError as exc:
-        print(f"sipgw: cannot listen on {config.http.host}:{config.http.port}: {exc}", file=sys.stderr)
+        print(
+            f"sipgw: cannot listen on {config.http.host}:{config.http.port}: {exc}", file=sys.stderr
+        )
         return 1
     return 0

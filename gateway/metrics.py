@@ -27,7 +27,10 @@ class Metrics:
             "# TYPE sipgw_calls_active gauge",
             f"sipgw_calls_active {self.calls_active}",
             "# TYPE sipgw_calls_ended_total counter",
-            *(f'sipgw_calls_ended_total{{code="{c}"}} {n}' for c, n in sorted(self.calls_ended.items())),
+            *(
+                f'sipgw_calls_ended_total{{code="{c}"}} {n}'
+                for c, n in sorted(self.calls_ended.items())
+            ),
             "# TYPE sipgw_calls_refused_total counter",
             *(
                 f'sipgw_calls_refused_total{{error="{c}"}} {n}'
@@ -37,7 +40,10 @@ class Metrics:
             f"sipgw_call_setup_seconds_sum {self.setup_seconds_sum:.6f}",
             f"sipgw_call_setup_seconds_count {self.setup_count}",
             "# TYPE sipgw_media_frames_total counter",
-            *(f'sipgw_media_frames_total{{kind="{k}"}} {n}' for k, n in sorted(self.frames.items())),
+            *(
+                f'sipgw_media_frames_total{{kind="{k}"}} {n}'
+                for k, n in sorted(self.frames.items())
+            ),
             "# TYPE sipgw_worker_deaths_total counter",
             f"sipgw_worker_deaths_total {self.worker_deaths}",
             "# TYPE sipgw_websockets_active gauge",

@@ -16,10 +16,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peers.gateway import ROOT, Gateway, free_port, start_gateway, stop_gateway  # noqa: E402
+from peers.gateway import ROOT, Gateway, free_port, start_gateway, stop_gateway
 
 __all__ = ["ROOT", "Gateway", "free_port"]
-
 
 
 @pytest.fixture(scope="session")

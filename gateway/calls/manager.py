@@ -110,7 +110,9 @@ class CallManager:
         try:
             decision = route(to, self._rules, self._variables)
         except InvalidNumber as exc:
-            raise ProtocolError("bad_request", f"call: 'to' {exc}", id=request_id, call=call_id)
+            raise ProtocolError(
+                "bad_request", f"call: 'to' {exc}", id=request_id, call=call_id
+            ) from None
         if decision.action is Action.REJECT or decision.uri is None:
             self._metrics.calls_refused["forbidden"] += 1
             raise ProtocolError(
@@ -123,8 +125,10 @@ class CallManager:
         if not any(w.ready for w in self._pool.workers):
             self._metrics.calls_refused["unavailable"] += 1
             raise ProtocolError(
-                "unavailable", "no gateway worker is running; try again shortly",
-                id=request_id, call=call_id,
+                "unavailable",
+                "no gateway worker is running; try again shortly",
+                id=request_id,
+                call=call_id,
             )
         worker = self._pool.acquire(key)
         if worker is None:
@@ -149,13 +153,17 @@ class CallManager:
         call = owner.calls.get(call_id)
         if call is None:
             raise ProtocolError(
-                "not_found", f"hangup: no call {call_id!r} on this connection",
-                id=request_id, call=call_id,
+                "not_found",
+                f"hangup: no call {call_id!r} on this connection",
+                id=request_id,
+                call=call_id,
             )
         if call.state is CallState.ENDING:
             raise ProtocolError(
-                "wrong_state", f"hangup: call {call_id!r} is already hanging up",
-                id=request_id, call=call_id,
+                "wrong_state",
+                f"hangup: call {call_id!r} is already hanging up",
+                id=request_id,
+                call=call_id,
             )
         call.state = CallState.ENDING
         call.hangup_request_id = request_id

@@ -92,7 +92,9 @@ class Session:
                 if frame.type == WSMsgType.TEXT:
                     self._receive(frame.data)
                 elif frame.type == WSMsgType.BINARY:
-                    self.send(Error("bad_request", "binary frames are not supported; send JSON text"))
+                    self.send(
+                        Error("bad_request", "binary frames are not supported; send JSON text")
+                    )
                 elif frame.type == WSMsgType.ERROR:
                     logger.info("session %s: %s", self.id, self._ws.exception())
         finally:
@@ -135,9 +137,7 @@ class Session:
     # --- handlers ----------------------------------------------------------------------
 
     def _on_hello(self, request: Hello) -> None:
-        servers = [
-            {k: v for k, v in asdict(s).items() if v is not None} for s in self._ice_servers
-        ]
+        servers = [{k: v for k, v in asdict(s).items() if v is not None} for s in self._ice_servers]
         for server in servers:
             server["urls"] = list(server["urls"])
         self.send(Welcome(PROTOCOL_VERSION, self.id, servers, id=request.id))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -195,7 +196,9 @@ def _optional_id(data: dict[str, Any]) -> str | None:
     return value
 
 
-def _string(data: dict[str, Any], key: str, request_id: str | None, *, call: str | None = None) -> str:
+def _string(
+    data: dict[str, Any], key: str, request_id: str | None, *, call: str | None = None
+) -> str:
     value = data.get(key)
     if value is None:
         raise ProtocolError(
@@ -235,8 +238,10 @@ def _parse_call(data: dict[str, Any], request_id: str | None) -> Call:
     sdp = _string(data, "sdp", request_id, call=call)
     if len(sdp.encode("utf-8", "surrogatepass")) > MAX_SDP_BYTES:
         raise ProtocolError(
-            "bad_request", f"call: field 'sdp' is longer than {MAX_SDP_BYTES} bytes",
-            id=request_id, call=call,
+            "bad_request",
+            f"call: field 'sdp' is longer than {MAX_SDP_BYTES} bytes",
+            id=request_id,
+            call=call,
         )
     return Call(call=call, to=to, sdp=sdp, id=request_id)
 
@@ -254,7 +259,7 @@ def _json_type(value: object) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-_PARSERS = {
+_PARSERS: dict[str, Callable[[dict[str, Any], str | None], Request]] = {
     "hello": _parse_hello,
     "call": _parse_call,
     "hangup": _parse_hangup,

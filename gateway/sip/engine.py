@@ -109,7 +109,7 @@ def set_codecs(endpoint: Any, codecs: tuple[str, ...]) -> None:
 class _Account(pj.Account):  # type: ignore[misc]
     """The worker's SIP identity. Incoming calls are not handled yet: 480."""
 
-    def onIncomingCall(self, prm: Any) -> None:  # noqa: N802 - pjsua2 callback name
+    def onIncomingCall(self, prm: Any) -> None:
         call = pj.Call(self, prm.callId)
         op = pj.CallOpParam()
         op.statusCode = 480
@@ -139,7 +139,7 @@ class _OutgoingCall(pj.Call):  # type: ignore[misc]
         self.codec = ""
         self.connected_media: list[Any] = []
 
-    def onCallState(self, prm: Any) -> None:  # noqa: N802 - pjsua2 callback name
+    def onCallState(self, prm: Any) -> None:
         info = self.getInfo()
         state = info.state
         if state == pj.PJSIP_INV_STATE_EARLY:
@@ -162,7 +162,7 @@ class _OutgoingCall(pj.Call):  # type: ignore[misc]
                 code, reason, by = 500, reason or "SIP transport error", "gateway"
             self.engine.end(self, code, reason, by)
 
-    def onCallMediaState(self, prm: Any) -> None:  # noqa: N802 - pjsua2 callback name
+    def onCallMediaState(self, prm: Any) -> None:
         info = self.getInfo()
         for media in info.media:
             if media.type != pj.PJMEDIA_TYPE_AUDIO:

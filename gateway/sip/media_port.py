@@ -65,11 +65,11 @@ class BridgePort(pj.AudioMediaPort):  # type: ignore[misc]
         self._silence = pj.ByteVector(SILENCE)
         self._fast = read_vector is _fast_read
 
-    def onFrameReceived(self, frame: Any) -> None:  # noqa: N802 - pjsua2 callback name
+    def onFrameReceived(self, frame: Any) -> None:
         if frame.type == pj.PJMEDIA_FRAME_TYPE_AUDIO:
             self._from_sip.push(read_vector(frame.buf))
 
-    def onFrameRequested(self, frame: Any) -> None:  # noqa: N802 - pjsua2 callback name
+    def onFrameRequested(self, frame: Any) -> None:
         data = self._to_sip.pop()
         frame.type = pj.PJMEDIA_FRAME_TYPE_AUDIO
         frame.size = FRAME_BYTES

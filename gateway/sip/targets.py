@@ -35,11 +35,11 @@ class _TargetCall(pj.Call):  # type: ignore[misc]
         self.tone: Any = None
         self.done = False
 
-    def onCallState(self, prm: Any) -> None:  # noqa: N802 - pjsua2 callback name
+    def onCallState(self, prm: Any) -> None:
         if self.getInfo().state == pj.PJSIP_INV_STATE_DISCONNECTED:
             self.done = True
 
-    def onCallMediaState(self, prm: Any) -> None:  # noqa: N802 - pjsua2 callback name
+    def onCallMediaState(self, prm: Any) -> None:
         info = self.getInfo()  # keep it alive: .media of a temporary dangles (SWIG)
         for media in info.media:
             if media.type != pj.PJMEDIA_TYPE_AUDIO or media.status != pj.PJSUA_CALL_MEDIA_ACTIVE:
@@ -68,7 +68,7 @@ class _TargetAccount(pj.Account):  # type: ignore[misc]
         self.tone_hz = tone_hz
         self.calls: list[_TargetCall] = []
 
-    def onIncomingCall(self, prm: Any) -> None:  # noqa: N802 - pjsua2 callback name
+    def onIncomingCall(self, prm: Any) -> None:
         # One Call object per call id: deleting a pjsua2 Call hangs the call up.
         call = _TargetCall(self, prm.callId, "", self.tone_hz)
         match = _USER.search(call.getInfo().localUri)

@@ -52,7 +52,9 @@ def check_offer(sdp: str) -> None:
     audio = [m for m in description.media if m.kind == "audio" and m.port != 0]
     if not audio:
         raise BadOffer("offer has no audio section")
-    if not any(c.mimeType.lower() in {p.lower() for p in PREFERRED_CODECS} for c in audio[0].rtp.codecs):
+    if not any(
+        c.mimeType.lower() in {p.lower() for p in PREFERRED_CODECS} for c in audio[0].rtp.codecs
+    ):
         raise BadOffer("offer has none of the audio codecs opus, PCMU, PCMA")
 
 

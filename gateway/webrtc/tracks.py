@@ -12,7 +12,7 @@ from gateway.media.buffers import FrameBuffer
 from gateway.media.frames import PTIME_MS, SAMPLE_RATE, SAMPLES_PER_FRAME, SILENCE, TIME_BASE
 
 
-class SipAudioTrack(MediaStreamTrack):  # type: ignore[misc]
+class SipAudioTrack(MediaStreamTrack):
     """Plays frames from ``source`` (filled by the SIP leg) as a WebRTC audio track.
 
     ``recv`` is called by aiortc's RTP sender, which encodes (and resamples,

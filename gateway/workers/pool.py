@@ -88,7 +88,9 @@ class WorkerPool:
         worker.process, worker.conn, worker.ready = process, parent, False
         worker.slots.clear()
         threading.Thread(
-            target=self._read, args=(worker, parent), name=f"worker-{worker.index}-reader",
+            target=self._read,
+            args=(worker, parent),
+            name=f"worker-{worker.index}-reader",
             daemon=True,
         ).start()
         await ready

@@ -15,8 +15,10 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from typing import Any
 
 from gateway.calls.bridged import BridgedCall
 from gateway.sip.engine import EngineConfig, SipEngine
@@ -87,7 +89,9 @@ class Worker:
             target=self._read_pipe, args=(loop,), name="ipc-reader", daemon=True
         ).start()
         self._send(WorkerReady(port))
-        logger.info("worker %s ready, SIP on port %s (pid %s)", self._settings.index, port, os.getpid())
+        logger.info(
+            "worker %s ready, SIP on port %s (pid %s)", self._settings.index, port, os.getpid()
+        )
         try:
             while True:
                 message = await self._inbox.get()
@@ -128,8 +132,8 @@ class Worker:
             if existing is not None:
                 existing.hangup(message.code, message.reason, message.by)
 
-    def _spawn(self, coro: object) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
 

@@ -29,7 +29,10 @@ def test_bad_config_is_refused_at_start(tmp_path, text, words):
     path.write_text(text)
     result = subprocess.run(
         [sys.executable, "-m", "gateway", "--config", str(path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=30,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 2
     assert words in result.stderr
@@ -41,7 +44,10 @@ def test_check_accepts_the_default(tmp_path):
     path.write_text("")
     result = subprocess.run(
         [sys.executable, "-m", "gateway", "--check", "--config", str(path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=30,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 0, result.stderr
     assert "valid" in result.stdout

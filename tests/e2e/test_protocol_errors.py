@@ -21,14 +21,24 @@ CASES = [
     ("not-object", "[1, 2]", "bad_request", "JSON object"),
     ("no-type", json.dumps({"call": "x"}), "bad_request", "'type'"),
     ("unknown-type", json.dumps({"type": "teleport"}), "bad_request", "unknown message type"),
-    ("call-missing-to", json.dumps({"type": "call", "call": "a", "sdp": "x"}), "bad_request", "'to'"),
+    (
+        "call-missing-to",
+        json.dumps({"type": "call", "call": "a", "sdp": "x"}),
+        "bad_request",
+        "'to'",
+    ),
     (
         "call-wrong-type",
         json.dumps({"type": "call", "call": "a", "to": 5, "sdp": "x"}),
         "bad_request",
         "must be a string",
     ),
-    ("call-bad-id", json.dumps({"type": "call", "call": "a b", "to": "echo", "sdp": "x"}), "bad_request", "'call'"),
+    (
+        "call-bad-id",
+        json.dumps({"type": "call", "call": "a b", "to": "echo", "sdp": "x"}),
+        "bad_request",
+        "'call'",
+    ),
     (
         "crlf-in-number",
         json.dumps({"type": "call", "call": "a", "to": "echo\r\nX-Evil: 1", "sdp": "x"}),
@@ -49,7 +59,12 @@ CASES = [
         "offer",
     ),
     ("oversized", json.dumps({"type": "ping", "pad": "x" * 70000}), "bad_request", "larger than"),
-    ("unmatched-number", json.dumps({"type": "call", "call": "u1", "to": "12345", "sdp": "x"}), "forbidden", "12345"),
+    (
+        "unmatched-number",
+        json.dumps({"type": "call", "call": "u1", "to": "12345", "sdp": "x"}),
+        "forbidden",
+        "12345",
+    ),
     (
         "reject-rule",
         json.dumps({"type": "call", "call": "b1", "to": "blocked900", "sdp": "x"}),

@@ -70,7 +70,10 @@ async def test_unreachable_target_gives_408_in_bounded_time(gateway):
 
 
 async def test_phone_hangs_up_with_bye(gateway, tmp_path):
-    async with SippPhone("bye", tmp_path, bye_after_ms=1500) as phone, WebClient(gateway.url) as client:
+    async with (
+        SippPhone("bye", tmp_path, bye_after_ms=1500) as phone,
+        WebClient(gateway.url) as client,
+    ):
         call = await client.establish("c1", number(phone))
         await client.wait_event(call, "accepted")
         hangup = await client.wait_event(call, "hangup", timeout=10)

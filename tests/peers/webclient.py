@@ -181,7 +181,9 @@ class WebClient:
         await self.send({"type": "call", "call": call_id, "to": to, "sdp": pc.localDescription.sdp})
         return call
 
-    async def wait_event(self, call: ClientCall, kinds: str | tuple[str, ...], timeout: float = 10.0) -> dict[str, Any]:
+    async def wait_event(
+        self, call: ClientCall, kinds: str | tuple[str, ...], timeout: float = 10.0
+    ) -> dict[str, Any]:
         """Wait for an event of ``call`` (answers are applied to its peer connection)."""
         if isinstance(kinds, str):
             kinds = (kinds,)
@@ -190,7 +192,9 @@ class WebClient:
         )
         return message
 
-    async def establish(self, call_id: str, to: str, tone_hz: float = 1000.0, timeout: float = 10.0) -> ClientCall:
+    async def establish(
+        self, call_id: str, to: str, tone_hz: float = 1000.0, timeout: float = 10.0
+    ) -> ClientCall:
         """Call and apply the answer; returns after the ``answer`` message."""
         call = await self.call(call_id, to, tone_hz)
         answer = await self.wait_event(call, ("answer", "error", "hangup"), timeout)

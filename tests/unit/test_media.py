@@ -6,10 +6,10 @@ import fractions
 
 import av
 import numpy as np
+from peers.webclient import dominant_frequency
 
 from gateway.media.buffers import FrameBuffer
 from gateway.media.frames import FRAME_BYTES, SAMPLE_RATE
-from peers.webclient import dominant_frequency
 
 
 def opus_like_frames(hz: float, count: int):
@@ -17,7 +17,9 @@ def opus_like_frames(hz: float, count: int):
     for i in range(count):
         t = (np.arange(960) + i * 960) / 48000
         mono = (np.sin(2 * np.pi * hz * t) * 12000).astype("<i2")
-        frame = av.AudioFrame.from_ndarray(np.repeat(mono, 2).reshape(1, -1), format="s16", layout="stereo")
+        frame = av.AudioFrame.from_ndarray(
+            np.repeat(mono, 2).reshape(1, -1), format="s16", layout="stereo"
+        )
         frame.sample_rate = 48000
         frame.pts = i * 960
         frame.time_base = fractions.Fraction(1, 48000)

@@ -19,7 +19,9 @@ from gateway.signaling.messages import (
 
 
 def test_parse_call():
-    message = parse(json.dumps({"type": "call", "id": "r1", "call": "c1", "to": "echo", "sdp": "v=0"}))
+    message = parse(
+        json.dumps({"type": "call", "id": "r1", "call": "c1", "to": "echo", "sdp": "v=0"})
+    )
     assert message == Call(call="c1", to="echo", sdp="v=0", id="r1")
 
 
@@ -36,13 +38,27 @@ def test_parse_ping_without_id():
         ('{"type": "x", "id": "r9"}', "unknown message type 'x'", "r9"),
         ('{"type": "ping", "id": 5}', "'id'", None),
         ('{"type": "call", "id": "r2", "call": "c", "to": "1"}', "missing field 'sdp'", "r2"),
-        ('{"type": "call", "call": "c", "to": [], "sdp": ""}', "'to' must be a string, not array", None),
+        (
+            '{"type": "call", "call": "c", "to": [], "sdp": ""}',
+            "'to' must be a string, not array",
+            None,
+        ),
         ('{"type": "hangup"}', "missing field 'call'", None),
         ('{"type": "hangup", "call": "' + "x" * 65 + '"}', "'call'", None),
         ("[" * 100000, "not valid JSON", None),
     ],
-    ids=["truncated", "scalar", "type-not-string", "unknown", "id-not-string", "missing-sdp",
-         "to-array", "hangup-no-call", "long-call-id", "deep-nesting"],
+    ids=[
+        "truncated",
+        "scalar",
+        "type-not-string",
+        "unknown",
+        "id-not-string",
+        "missing-sdp",
+        "to-array",
+        "hangup-no-call",
+        "long-call-id",
+        "deep-nesting",
+    ],
 )
 def test_parse_errors(raw, words, request_id):
     with pytest.raises(ProtocolError) as info:
@@ -53,10 +69,21 @@ def test_parse_errors(raw, words, request_id):
 
 
 def test_encode_leaves_out_none():
-    assert json.loads(encode(Error("busy", "full"))) == {"type": "error", "code": "busy", "message": "full"}
-    assert json.loads(encode(HangupEvent("c1", 486, "Busy Here", "remote"))) == {
-        "type": "hangup", "call": "c1", "code": 486, "reason": "Busy Here", "by": "remote",
+    assert json.loads(encode(Error("busy", "full"))) == {
+        "type": "error",
+        "code": "busy",
+        "message": "full",
     }
-    assert json.loads(encode(Accepted("c1", {"webrtc": "opus/48000", "sip": "PCMU/8000"})))["codecs"] == {
-        "webrtc": "opus/48000", "sip": "PCMU/8000",
+    assert json.loads(encode(HangupEvent("c1", 486, "Busy Here", "remote"))) == {
+        "type": "hangup",
+        "call": "c1",
+        "code": 486,
+        "reason": "Busy Here",
+        "by": "remote",
+    }
+    assert json.loads(encode(Accepted("c1", {"webrtc": "opus/48000", "sip": "PCMU/8000"})))[
+        "codecs"
+    ] == {
+        "webrtc": "opus/48000",
+        "sip": "PCMU/8000",
     }
