@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import av
 
-from .frames import CHANNELS, SAMPLE_RATE, SAMPLES_PER_FRAME
+from .frames import CHANNELS, FRAME_BYTES, SAMPLE_RATE, SAMPLES_PER_FRAME
 
 
 class PivotResampler:
@@ -33,5 +33,6 @@ class PivotResampler:
             chunk = self._fifo.read(SAMPLES_PER_FRAME)
             if chunk is None:  # pragma: no cover - guarded by the size check
                 break
-            frames.append(bytes(chunk.planes[0])[: SAMPLES_PER_FRAME * 2 * CHANNELS])
+            # The plane may be padded: copy exactly one frame's bytes, once.
+            frames.append(bytes(memoryview(chunk.planes[0])[:FRAME_BYTES]))
         return frames

@@ -7,6 +7,7 @@ import time
 
 import av
 from aiortc import MediaStreamTrack
+from aiortc.mediastreams import MediaStreamError
 
 from gateway.media.buffers import FrameBuffer
 from gateway.media.frames import PTIME_MS, SAMPLE_RATE, SAMPLES_PER_FRAME, SILENCE, TIME_BASE
@@ -30,8 +31,6 @@ class SipAudioTrack(MediaStreamTrack):
 
     async def recv(self) -> av.AudioFrame:
         if self.readyState != "live":
-            from aiortc.mediastreams import MediaStreamError
-
             raise MediaStreamError
         if self._start is None:
             self._start = time.monotonic()
