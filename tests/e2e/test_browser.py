@@ -81,9 +81,20 @@ def write_tone_wav(path: Path, hz: float, seconds: float = 10.0, amplitude: floa
     return path
 
 
-@pytest.fixture
-async def browser(tmp_path: Path) -> AsyncIterator[Any]:
+@pytest.fixture(
+    params=[True, False],
+    ids=["loopback-flag", "stock-chrome"],
+)
+async def browser(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
+    """Chromium with a fake 440 Hz microphone.
+
+    ``stock-chrome`` leaves out ``--allow-loopback-in-peer-connection``, as a
+    user's browser would: it then offers no loopback candidates at all, and the
+    gateway (loopback-only) must still connect (peer-reflexive candidates).
+    """
     from playwright.async_api import async_playwright
+
+    loopback_flag = ["--allow-loopback-in-peer-connection"] if request.param else []
 
     wav = write_tone_wav(tmp_path / "mic-440.wav", MIC_HZ)
     async with async_playwright() as pw:
@@ -97,7 +108,7 @@ async def browser(tmp_path: Path) -> AsyncIterator[Any]:
                 "--use-fake-ui-for-media-stream",
                 "--use-fake-device-for-media-stream",
                 f"--use-file-for-fake-audio-capture={wav}",
-                "--allow-loopback-in-peer-connection",
+                *loopback_flag,
                 "--autoplay-policy=no-user-gesture-required",
                 "--disable-background-networking",
                 "--disable-component-update",
