@@ -54,3 +54,30 @@ async def test_killed_worker_hangs_up_its_calls_and_restarts(gateway):
         assert abs(tone.hz - 1000) <= 10, tone
         await client.hangup("after")
     assert "sipgw_worker_deaths_total 1" in gateway.metrics()
+
+
+def open_fds_and_threads(pid: int) -> tuple[int, int]:
+    return len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
+
+
+async def test_calls_leave_no_fd_thread_or_slot_behind(gateway):
+    """Six calls placed, answered and hung up (three by BYE, three while setting up):
+    every worker ends with the file descriptors and threads it had, and no call."""
+    await wait_for(lambda: gateway.health()["calls_active"] == 0, 10)
+    await asyncio.sleep(1.0)
+    pids = [p for p in gateway.health()["worker_pids"] if p]
+    before = {pid: open_fds_and_threads(pid) for pid in pids}
+    async with WebClient(gateway.url) as client:
+        for i in range(3):
+            call = await client.establish(f"up{i}", "echo")
+            await client.wait_event(call, "accepted")
+            await asyncio.sleep(0.5)
+            await client.hangup(f"up{i}")
+        for i in range(3):  # hung up right after the answer, before the SIP leg settles
+            await client.establish(f"early{i}", "tone")
+            await client.hangup(f"early{i}")
+        await client.close_calls()
+    await wait_for(lambda: gateway.health()["calls_active"] == 0, 10)
+    await asyncio.sleep(2.0)  # let pjsua2 and aiortc finish closing sockets
+    after = {pid: open_fds_and_threads(pid) for pid in pids}
+    assert after == before
