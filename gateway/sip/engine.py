@@ -26,7 +26,7 @@ from gateway.media.buffers import FrameBuffer
 from gateway.media.frames import PTIME_MS, SAMPLE_RATE
 
 from .events import EndedBy, SipAnswered, SipEnded, SipEvent, SipProgress, SipReleased
-from .media_port import BridgePort, audio_format
+from .media_port import BridgePort, PortPool
 
 logger = logging.getLogger(__name__)
 
@@ -128,8 +128,7 @@ class _OutgoingCall(pj.Call):  # type: ignore[misc]
         super().__init__(account)
         self.engine = engine
         self.key = command.key
-        self.port: BridgePort | None = BridgePort(command.from_sip, command.to_sip)
-        self.port.createPort(f"bridge{command.key}", audio_format())
+        self.port: BridgePort | None = engine.ports.acquire(command.from_sip, command.to_sip)
         self.deadline = time.monotonic() + engine.config.invite_timeout
         self.responded = False
         self.confirmed = False
@@ -196,6 +195,12 @@ class SipEngine:
         self._thread: threading.Thread | None = None
         self._started: asyncio.Future[int] | None = None
         self._stopped = threading.Event()
+        self._ports: PortPool | None = None
+
+    @property
+    def ports(self) -> PortPool:
+        assert self._ports is not None, "ports exist once the owner thread has started"
+        return self._ports
 
     # --- event-loop side -------------------------------------------------------------
 
@@ -254,6 +259,7 @@ class SipEngine:
             # "lock" it, which some PBXes and SBCs handle badly.
             account_config.mediaConfig.lockCodecEnabled = False
             account.create(account_config, True)
+            self._ports = PortPool(config.max_calls)
         except pj.Error as exc:
             self._fail_start(RuntimeError(f"SIP stack failed to start: {exc.info()}"))
             return
@@ -270,8 +276,13 @@ class SipEngine:
         self._loop.call_soon_threadsafe(_reject, self._started, exc)
 
     def _serve(self, endpoint: Any, account: Any) -> None:
+        # Reap after every pjsua2 call that may disconnect a call: pjsua reuses a
+        # call slot as soon as it is free, and ~Call clears (and hangs up!) the
+        # slot it last had, so a stale Call object must be gone before the next
+        # makeCall can be given the same slot.
         while True:
             endpoint.libHandleEvents(POLL_MS)
+            self._reap()
             while True:
                 try:
                     command = self._commands.get_nowait()
@@ -283,12 +294,17 @@ class SipEngine:
                     self._make_call(account, command)
                 else:
                     self._hangup(command.key)
+                self._reap()
             self._check_timeouts()
             self._reap()
 
     def _make_call(self, account: Any, command: _MakeCall) -> None:
         call = _OutgoingCall(self, account, command)
         self._calls[command.key] = call
+        if call.port is None:  # cannot happen while calls <= max_calls; be safe
+            call.disconnected = True
+            self.end(call, 503, "Gateway worker has no free media port", "gateway")
+            return
         try:
             call.makeCall(command.uri, pj.CallOpParam(True))
         except pj.Error as exc:
@@ -334,8 +350,8 @@ class SipEngine:
             del call
             self.emit(SipReleased(key))
 
-    @staticmethod
-    def _release_media(call: _OutgoingCall) -> None:
+    def _release_media(self, call: _OutgoingCall) -> None:
+        """Disconnect the call's port and give it back to the pool (never destroyed)."""
         port = call.port
         if port is None:
             return
@@ -347,28 +363,49 @@ class SipEngine:
                 pass
         call.connected_media.clear()
         call.port = None
-        del port
+        self.ports.release(port)
 
     def _shutdown(self, endpoint: Any, account: Any) -> None:
+        """Hang up, then free every pjsua2 object while the library still lives.
+
+        Each step is a method of its own so that no local variable keeps a
+        Call alive past ``libDestroy`` (its destructor would then assert).
+        """
+        self._hang_up_all()
+        deadline = time.monotonic() + 2.0
+        while self._calls and time.monotonic() < deadline:
+            endpoint.libHandleEvents(POLL_MS)
+            self._reap()
+        self._drop_calls()
+        # Let the conference bridge apply the queued disconnects before the
+        # ports go (they are no longer transmitting, so the clock leaves them be).
+        for _ in range(5):
+            endpoint.libHandleEvents(POLL_MS)
+        if self._ports is not None:
+            self._ports.close()
+            self._ports = None
+        for _ in range(5):
+            endpoint.libHandleEvents(POLL_MS)
+        try:
+            account.shutdown()
+        except pj.Error:
+            pass
+        endpoint.libDestroy()
+        self._stopped.set()
+
+    def _hang_up_all(self) -> None:
         for call in self._calls.values():
             if not call.ended:
                 call.hangup_sent = True
                 self.end(call, 503, "Gateway shutting down", "gateway")
             self._send_hangup(call)
-        deadline = time.monotonic() + 2.0
-        while self._calls and time.monotonic() < deadline:
-            endpoint.libHandleEvents(POLL_MS)
-            self._reap()
-        for call in self._calls.values():
-            self._release_media(call)
-        self._calls.clear()
-        try:
-            account.shutdown()
-        except pj.Error:
-            pass
-        del account
-        endpoint.libDestroy()
-        self._stopped.set()
+
+    def _drop_calls(self) -> None:
+        """Delete the Call objects pjsua2 did not finish in time (hanging them up)."""
+        for key in list(self._calls):
+            self._release_media(self._calls[key])
+            del self._calls[key]
+            self.emit(SipReleased(key))
 
 
 def _resolve(future: asyncio.Future[int] | None, value: int) -> None:

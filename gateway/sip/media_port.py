@@ -54,23 +54,36 @@ def audio_format() -> Any:
 
 
 class BridgePort(pj.AudioMediaPort):  # type: ignore[misc]
-    """Pushes SIP audio into ``from_sip`` and plays ``to_sip`` into the call."""
+    """Pushes SIP audio into ``from_sip`` and plays ``to_sip`` into the call.
 
-    def __init__(self, from_sip: FrameBuffer, to_sip: FrameBuffer) -> None:
+    Ports are created once per process and reused call after call (see
+    :class:`PortPool`): a call attaches its buffers, and detaches them when it
+    ends. Detached, the port plays silence and drops what it receives.
+    """
+
+    def __init__(self) -> None:
         super().__init__()
-        self._from_sip = from_sip
-        self._to_sip = to_sip
+        self._from_sip: FrameBuffer | None = None
+        self._to_sip: FrameBuffer | None = None
         self._out = pj.ByteVector(SILENCE)
         self._out_pointer = _data_pointer(self._out)
         self._silence = pj.ByteVector(SILENCE)
         self._fast = read_vector is _fast_read
 
+    def attach(self, from_sip: FrameBuffer, to_sip: FrameBuffer) -> None:
+        self._from_sip, self._to_sip = from_sip, to_sip
+
+    def detach(self) -> None:
+        self._from_sip = self._to_sip = None
+
     def onFrameReceived(self, frame: Any) -> None:
-        if frame.type == pj.PJMEDIA_FRAME_TYPE_AUDIO:
-            self._from_sip.push(read_vector(frame.buf))
+        sink = self._from_sip  # one read: detach() may run on the SIP thread meanwhile
+        if sink is not None and frame.type == pj.PJMEDIA_FRAME_TYPE_AUDIO:
+            sink.push(read_vector(frame.buf))
 
     def onFrameRequested(self, frame: Any) -> None:
-        data = self._to_sip.pop()
+        source = self._to_sip
+        data = source.pop() if source is not None else None
         frame.type = pj.PJMEDIA_FRAME_TYPE_AUDIO
         frame.size = FRAME_BYTES
         if data is None:
@@ -80,3 +93,39 @@ class BridgePort(pj.AudioMediaPort):  # type: ignore[misc]
             frame.buf = self._out
         else:  # pragma: no cover - fallback runtimes
             frame.buf = pj.ByteVector(data)
+
+
+class PortPool:
+    """One :class:`BridgePort` per call slot, for the life of the Endpoint.
+
+    Since pjproject 2.14 the conference bridge adds, removes and disconnects
+    ports asynchronously, on its clock thread, while ``~AudioMediaPort`` frees
+    the port's memory at once. Destroying a port per call is therefore a
+    use-after-free race with the clock thread (seen as a worker SIGSEGV when
+    calls were hung up right after set-up). Ports are made at start-up and
+    destroyed only at shutdown, once nothing transmits to or from them.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._free: list[BridgePort] = []
+        for i in range(size):
+            port = BridgePort()
+            port.createPort(f"bridge{i}", audio_format())
+            self._free.append(port)
+        self._size = size
+
+    def acquire(self, from_sip: FrameBuffer, to_sip: FrameBuffer) -> BridgePort | None:
+        if not self._free:
+            return None
+        port = self._free.pop()
+        port.attach(from_sip, to_sip)
+        return port
+
+    def release(self, port: BridgePort) -> None:
+        port.detach()
+        self._free.append(port)
+
+    def close(self) -> None:
+        """Drop every port (all must be released and disconnected)."""
+        assert len(self._free) == self._size, "ports still in use"
+        self._free.clear()

@@ -107,25 +107,51 @@ def run_targets(
     conn.send(bound)
     logger.info("embedded targets %s on sip:%s:%s", ", ".join(TARGETS), bind, bound)
     try:
-        while True:
-            endpoint.libHandleEvents(POLL_MS)
-            if conn.poll(0):
-                break
-            for call in [c for c in account.calls if c.done]:
-                account.calls.remove(call)
-                call.tone = None
-                del call
+        _serve(endpoint, account, conn)
     except (EOFError, OSError):
         pass
     finally:
-        for call in account.calls:
-            try:
-                call.hangup(pj.CallOpParam(True))
-            except pj.Error:
-                pass
+        _hang_up_all(account)
         for _ in range(20):
             endpoint.libHandleEvents(POLL_MS)
-        account.calls.clear()
+        _drop_all(account)
+        for _ in range(5):
+            endpoint.libHandleEvents(POLL_MS)
         account.shutdown()
-        del account
         endpoint.libDestroy()
+
+
+#: Loop turns a finished call's objects are kept before they are deleted, so the
+#: conference bridge (asynchronous since pjproject 2.14) has applied its
+#: disconnects and no clock tick can still reach a freed tone generator.
+_GRACE_TURNS = 5
+
+
+def _serve(endpoint: Any, account: _TargetAccount, conn: Connection) -> None:
+    finished: list[tuple[int, _TargetCall]] = []
+    turn = 0
+    while not conn.poll(0):
+        endpoint.libHandleEvents(POLL_MS)
+        turn += 1
+        for done in [c for c in account.calls if c.done]:
+            # pjsua already dropped the call's conference port and with it the
+            # tone's connection; keep the objects a few turns, then delete.
+            account.calls.remove(done)
+            finished.append((turn, done))
+        while finished and turn - finished[0][0] >= _GRACE_TURNS:
+            finished.pop(0)  # the Call and its tone generator are deleted here
+    for _, done in finished:
+        account.calls.append(done)  # deleted with the rest, before libDestroy
+
+
+def _hang_up_all(account: _TargetAccount) -> None:
+    for call in account.calls:
+        try:
+            call.hangup(pj.CallOpParam(True))
+        except pj.Error:
+            pass
+
+
+def _drop_all(account: _TargetAccount) -> None:
+    """Delete every Call and tone generator while the library is alive."""
+    account.calls.clear()
