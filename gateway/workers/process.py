@@ -16,6 +16,7 @@ import os
 import signal
 import threading
 from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -76,6 +77,7 @@ class Worker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._inbox: asyncio.Queue[ToWorker | None] = asyncio.Queue()
         self._engine: SipEngine | None = None
+        self._executor: ThreadPoolExecutor | None = None
         addresses = settings.ice_addresses
         self._loopback_only = bool(addresses) and all(
             ipaddress.ip_address(a).is_loopback for a in addresses
@@ -83,6 +85,12 @@ class Worker:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        # aiortc encodes every outgoing frame in the loop's default executor, so
+        # that pool is on the audio path: one thread per call slot, named.
+        self._executor = ThreadPoolExecutor(
+            max_workers=self._settings.engine.max_calls, thread_name_prefix="encode"
+        )
+        loop.set_default_executor(self._executor)
         self._engine = SipEngine(self._settings.engine, loop, self._on_sip)
         port = await self._engine.start()
         threading.Thread(
@@ -168,6 +176,8 @@ class Worker:
             task.cancel()
         if self._engine is not None:
             await self._engine.stop()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
         for key in list(self._calls):
             self._send(CallEnded(key, 503, "Gateway shutting down", "gateway"))
             self._send(CallReleased(key))
