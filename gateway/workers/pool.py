@@ -129,23 +129,24 @@ class WorkerPool:
         if worker.conn is not conn:
             return
         worker.ready = False
-        if worker.process is not None:
-            worker.process.join(timeout=0)
-        code = worker.process.exitcode if worker.process else None
         ready = self._ready.get(worker.index)
         if ready is not None and not ready.done():
             ready.set_exception(RuntimeError(f"worker {worker.index} exited during start-up"))
         if self._closing:
             return
-        logger.error("worker %s died (exit code %s); restarting", worker.index, code)
         self._on_lost(worker)
         worker.slots.clear()
         conn.close()
-        task = asyncio.ensure_future(self._restart(worker))
+        task = asyncio.ensure_future(self._restart(worker, worker.process))
         self._restarts.add(task)
         task.add_done_callback(self._restarts.discard)
 
-    async def _restart(self, worker: WorkerHandle) -> None:
+    async def _restart(self, worker: WorkerHandle, dead: BaseProcess | None) -> None:
+        code = None
+        if dead is not None:  # reap it off the event loop, for its exit code
+            await asyncio.to_thread(dead.join, 5.0)
+            code = dead.exitcode
+        logger.error("worker %s died (exit code %s); restarting", worker.index, code)
         delay = self._restart_delay
         while not self._closing:
             await asyncio.sleep(delay)
