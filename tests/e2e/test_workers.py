@@ -48,9 +48,9 @@ async def test_killed_worker_hangs_up_its_calls_and_restarts(gateway):
         await wait_for(lambda: gateway.health()["workers_ready"] == 2, 30)
         assert victim not in gateway.health()["worker_pids"]
         call2 = await client.establish("after", "echo")
-        await client.wait_event(call2, "accepted")
-        await asyncio.sleep(2)
-        tone = call2.measure(1.0)
+        await client.wait_event(call2, "accepted", timeout=15)
+        # Possibly the restarted worker's first call: allow for its start-up.
+        tone = await call2.wait_for_tone(1000)
         assert abs(tone.hz - 1000) <= 10, tone
         await client.hangup("after")
     assert "sipgw_worker_deaths_total 1" in gateway.metrics()
@@ -62,9 +62,22 @@ def open_fds_and_threads(pid: int) -> tuple[int, int]:
 
 async def test_calls_leave_no_fd_thread_or_slot_behind(gateway):
     """Six calls placed, answered and hung up (three by BYE, three while setting up):
-    every worker ends with the file descriptors and threads it had, and no call."""
+    every worker ends with the file descriptors it had, no call, and no thread
+    beyond what its fixed encode pool (one thread per call slot, started on
+    demand) may still add: a thread leaked per call would exceed that."""
     await wait_for(lambda: gateway.health()["calls_active"] == 0, 10)
-    await asyncio.sleep(1.0)
+    async with WebClient(gateway.url) as client:
+        # Warm-up: a worker's first call starts asyncio's executor thread (aioice
+        # resolves addresses there); that thread is per process, not per call.
+        # Two at once, so each worker takes one.
+        calls = [await client.establish(f"warm{i}", "echo") for i in range(2)]
+        for call in calls:
+            await client.wait_event(call, "accepted")
+        for call in calls:
+            await client.hangup(call.call_id)
+        await client.close_calls()
+    await wait_for(lambda: gateway.health()["calls_active"] == 0, 10)
+    await asyncio.sleep(2.0)
     pids = [p for p in gateway.health()["worker_pids"] if p]
     before = {pid: open_fds_and_threads(pid) for pid in pids}
     async with WebClient(gateway.url) as client:
@@ -80,4 +93,12 @@ async def test_calls_leave_no_fd_thread_or_slot_behind(gateway):
     await wait_for(lambda: gateway.health()["calls_active"] == 0, 10)
     await asyncio.sleep(2.0)  # let pjsua2 and aiortc finish closing sockets
     after = {pid: open_fds_and_threads(pid) for pid in pids}
-    assert after == before
+    pool_headroom = 4 - 1  # calls_per_worker threads, at least one started by the warm-up
+    for pid in pids:
+        (fds_before, threads_before), (fds_after, threads_after) = before[pid], after[pid]
+        assert fds_after == fds_before, (pid, before, after)
+        assert threads_before <= threads_after <= threads_before + pool_headroom, (
+            pid,
+            before,
+            after,
+        )

@@ -98,6 +98,22 @@ class ClientCall:
     def measure(self, seconds: float = 1.0) -> ToneMeasure:
         return dominant_frequency(self.audio(seconds), RATE)
 
+    async def wait_for_tone(
+        self, hz: float, timeout: float = 8.0, tolerance: float = 10.0, min_rms: float = 0.02
+    ) -> ToneMeasure:
+        """Measure the last second until it is ``hz`` with real energy, or ``timeout`` passes.
+
+        Returns the last measurement either way; the caller asserts on it.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            tone = self.measure(1.0)
+            if abs(tone.hz - hz) <= tolerance and tone.rms > min_rms:
+                return tone
+            if time.monotonic() > deadline:
+                return tone
+            await asyncio.sleep(0.25)
+
 
 class WebClient:
     """One WebSocket connection to the gateway, with any number of calls."""
