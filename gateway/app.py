@@ -23,7 +23,8 @@ from gateway.signaling.handler import websocket_handler
 from gateway.sip.engine import EngineConfig
 from gateway.webrtc.peer import IceServerParams
 from gateway.workers.embedded import EmbeddedTargets
-from gateway.workers.pool import WorkerPool, worker_settings
+from gateway.workers.ipc import FromWorker
+from gateway.workers.pool import WorkerHandle, WorkerPool, worker_settings
 from gateway.workers.process import WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def build_app(config: Config, log_level: int = logging.INFO) -> web.Application:
         SOCKETS,
     )
     app.router.add_get("/", _demo_page)
-    app.router.add_get("/ws", handler)  # type: ignore[arg-type]
+    app.router.add_get("/ws", handler)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", _health)
     return app
@@ -111,13 +112,15 @@ async def _workers_and_calls(app: web.Application) -> AsyncIterator[None]:
     variables = {"embedded": app[TARGETS].address} if TARGETS in app else {}
     manager: CallManager | None = None
 
-    def on_message(worker: object, message: object) -> None:
+    # The pool and the manager refer to each other: the pool's callbacks reach
+    # the manager, created right after the pool.
+    def on_message(worker: WorkerHandle, message: FromWorker) -> None:
         assert manager is not None
-        manager.on_worker_message(worker, message)  # type: ignore[arg-type]
+        manager.on_worker_message(worker, message)
 
-    def on_lost(worker: object) -> None:
+    def on_lost(worker: WorkerHandle) -> None:
         assert manager is not None
-        manager.on_worker_lost(worker)  # type: ignore[arg-type]
+        manager.on_worker_lost(worker)
 
     pool = WorkerPool(
         worker_settings(base, config.workers.count, sip.port),

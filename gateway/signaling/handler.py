@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
+from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
@@ -66,11 +67,12 @@ class Session:
         self._max_calls = max_calls
         self._outbox: asyncio.Queue[str | None] = asyncio.Queue(SEND_QUEUE)
         self._closers: set[asyncio.Future[bool]] = set()
-        self._handlers: dict[type, Callable[[Request], None]] = {
-            Hello: self._on_hello,  # type: ignore[dict-item]
-            Call: self._on_call,  # type: ignore[dict-item]
-            Hangup: self._on_hangup,  # type: ignore[dict-item]
-            Ping: self._on_ping,  # type: ignore[dict-item]
+        # One small handler per request type; each takes its own request class.
+        self._handlers: dict[type[Request], Callable[[Any], None]] = {
+            Hello: self._on_hello,
+            Call: self._on_call,
+            Hangup: self._on_hangup,
+            Ping: self._on_ping,
         }
 
     def send(self, event: Event) -> None:
@@ -174,7 +176,7 @@ def websocket_handler(
     max_message_bytes: int,
     max_calls: int,
     sockets_key: web.AppKey[set[web.WebSocketResponse]],
-) -> Callable[[web.Request], object]:
+) -> Callable[[web.Request], Awaitable[web.WebSocketResponse]]:
     """Build the ``/ws`` handler for an app."""
 
     async def handle(request: web.Request) -> web.WebSocketResponse:
