@@ -1,4 +1,8 @@
-"""Command line: ``sipgw [--config FILE] [--check]``."""
+"""Command line: ``sipgw [--config FILE] [--check] [--version]``.
+
+Exit codes: 0 after a clean stop, 2 when the configuration is invalid or a
+socket it names cannot be bound (one line on stderr names the key).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
+from gateway import __version__
 from gateway.config import ConfigError, load_config
 
 
@@ -19,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"sipgw {__version__}")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -33,23 +39,24 @@ def main(argv: list[str] | None = None) -> int:
         print("sipgw: configuration is valid")
         return 0
 
-    from aiohttp import web
+    import asyncio
 
-    from gateway.app import build_app
+    from gateway.front.app import serve
+    from gateway.front.pool import StartupError
 
-    app = build_app(config)
-    url = f"http://{config.http.host}:{config.http.port}/"
+    def listening(url: str) -> None:
+        print(f"sipgw: demo page at {url}  (Ctrl-C to stop)", flush=True)
+
     try:
-        web.run_app(
-            app,
-            host=config.http.host,
-            port=config.http.port,
-            print=lambda _: print(f"sipgw: demo page at {url}  (Ctrl-C to stop)", flush=True),
-            shutdown_timeout=5.0,
-        )
+        asyncio.run(serve(config, on_listening=listening))
+    except StartupError as exc:
+        print(f"sipgw: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(
-            f"sipgw: cannot listen on {config.http.host}:{config.http.port}: {exc}", file=sys.stderr
+            f"sipgw: http.host = {config.http.host!r}, http.port = {config.http.port}: "
+            f"cannot listen: {exc.strerror or exc}",
+            file=sys.stderr,
         )
-        return 1
+        return 2
     return 0

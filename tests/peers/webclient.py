@@ -20,7 +20,7 @@ import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from gateway.webrtc.peer import restrict_host_addresses
+from gateway.worker.webrtc.peer import restrict_host_addresses
 
 RATE = 48000
 SAMPLES = 960  # 20 ms

@@ -8,8 +8,8 @@ import av
 import numpy as np
 from peers.webclient import dominant_frequency
 
-from gateway.media.buffers import FrameBuffer
-from gateway.media.frames import FRAME_BYTES, SAMPLE_RATE
+from gateway.worker.media.buffers import FrameBuffer
+from gateway.worker.media.frames import FRAME_BYTES, SAMPLE_RATE
 
 
 def opus_like_frames(hz: float, count: int):
@@ -27,7 +27,7 @@ def opus_like_frames(hz: float, count: int):
 
 
 def test_resampler_cuts_exact_20ms_pivot_frames():
-    from gateway.media.transcode import PivotResampler
+    from gateway.worker.media.transcode import PivotResampler
 
     resampler = PivotResampler()
     out = [chunk for frame in opus_like_frames(1000, 50) for chunk in resampler.feed(frame)]
@@ -54,7 +54,7 @@ def test_media_port_reads_vectors_exactly():
     """The ctypes fast path must return the same bytes as SWIG's own copy."""
     import pjsua2 as pj
 
-    from gateway.sip.media_port import _fast_read, read_vector
+    from gateway.worker.sip.media_port import _fast_read, read_vector
 
     data = bytes(range(256)) * 2 + bytes(128)
     vector = pj.ByteVector(data)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from gateway.signaling.messages import (
+from gateway.front.signaling.messages import (
     Accepted,
     Call,
     Error,

@@ -1,10 +1,13 @@
 """The aiohttp WebSocket endpoint ``/ws``: one :class:`Session` per connection.
 
-A session parses each text frame (:mod:`gateway.signaling.messages`), hands it
-to a small handler, and answers any :class:`ProtocolError` with an ``error``
-message while keeping the connection and its calls up. Outgoing messages go
-through a bounded queue written by one task, so a slow browser cannot make
-the gateway buffer without limit. When the socket closes, its calls end.
+A session parses each text frame (:mod:`.messages`), hands it to a small
+handler from its table, and answers any :class:`ProtocolError` with an
+``error`` message while keeping the connection and its calls up. It is the
+call manager's :class:`~gateway.front.calls.CallOwner`: the manager tells it
+about its calls in call terms and the session turns that into wire messages.
+Outgoing messages go through a bounded queue written by one task, so a slow
+browser cannot make the gateway buffer without limit. When the socket closes,
+its calls end.
 """
 
 from __future__ import annotations
@@ -18,21 +21,27 @@ from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from gateway.calls.manager import CallManager, FrontCall
 from gateway.config import IceServer
-from gateway.metrics import Metrics
+from gateway.front.calls import AlreadyEnding, CallManager, UnknownCall
+from gateway.front.metrics import Metrics
+from gateway.outcomes import Ending, Refusal, Refused
 
 from .messages import (
     PROTOCOL_VERSION,
+    Accepted,
+    Answer,
     Call,
     Error,
     Event,
     Hangup,
+    HangupEvent,
     Hello,
     Ping,
     Pong,
+    Progress,
     ProtocolError,
     Request,
+    Ringing,
     Welcome,
     encode,
     parse,
@@ -52,20 +61,17 @@ class Session:
     def __init__(
         self,
         ws: web.WebSocketResponse,
-        manager: CallManager,
+        manager: CallManager[Any],
         ice_servers: tuple[IceServer, ...],
         max_message_bytes: int,
-        max_calls: int,
     ) -> None:
         self.id = secrets.token_urlsafe(12)
-        self.calls: dict[str, FrontCall] = {}
-        self._used_ids: set[str] = set()
         self._ws = ws
         self._manager = manager
         self._ice_servers = ice_servers
         self._max_message_bytes = max_message_bytes
-        self._max_calls = max_calls
         self._outbox: asyncio.Queue[str | None] = asyncio.Queue(SEND_QUEUE)
+        self._writer: asyncio.Task[None] | None = None
         self._closers: set[asyncio.Future[bool]] = set()
         # One small handler per request type; each takes its own request class.
         self._handlers: dict[type[Request], Callable[[Any], None]] = {
@@ -88,7 +94,7 @@ class Session:
             task.add_done_callback(self._closers.discard)
 
     async def run(self) -> None:
-        writer = asyncio.create_task(self._write(), name=f"ws-writer-{self.id}")
+        self._writer = asyncio.create_task(self._write(), name=f"ws-writer-{self.id}")
         try:
             async for frame in self._ws:
                 if frame.type == WSMsgType.TEXT:
@@ -100,19 +106,26 @@ class Session:
                 elif frame.type == WSMsgType.ERROR:
                     logger.info("session %s: %s", self.id, self._ws.exception())
         finally:
-            self._manager.drop_owner(self)
-            writer.cancel()
+            self._manager.disconnect(self)
+            self._writer.cancel()
             try:
-                await writer
+                await self._writer
             except asyncio.CancelledError:
                 pass
 
+    async def close(self, code: int, message: bytes, timeout: float) -> None:
+        """Send what is queued (up to ``timeout``), then close the socket with ``code``."""
+        writer = self._writer
+        if writer is not None and not writer.done():
+            try:
+                self._outbox.put_nowait(None)
+                await asyncio.wait_for(asyncio.shield(writer), timeout)
+            except (asyncio.QueueFull, TimeoutError):
+                pass
+        await self._ws.close(code=code, message=message)
+
     async def _write(self) -> None:
-        while True:
-            text = await self._outbox.get()
-            if text is None:
-                await self._ws.close()
-                return
+        while (text := await self._outbox.get()) is not None:
             try:
                 await self._ws.send_str(text)
             except ConnectionError:
@@ -136,7 +149,7 @@ class Session:
             logger.exception("session %s: request failed", self.id)
             self.send(Error("internal", "the gateway failed to handle this message"))
 
-    # --- handlers ----------------------------------------------------------------------
+    # --- requests ----------------------------------------------------------------------
 
     def _on_hello(self, request: Hello) -> None:
         servers = [{k: v for k, v in asdict(s).items() if v is not None} for s in self._ice_servers]
@@ -145,37 +158,61 @@ class Session:
         self.send(Welcome(PROTOCOL_VERSION, self.id, servers, id=request.id))
 
     def _on_call(self, request: Call) -> None:
-        if request.call in self._used_ids:
+        try:
+            self._manager.place(self, request.call, request.to, request.sdp, request.id)
+        except Refused as refused:
             raise ProtocolError(
-                "wrong_state",
-                f"call: id {request.call!r} is already used on this connection",
-                id=request.id,
-                call=request.call,
-            )
-        if len(self.calls) >= self._max_calls:
-            raise ProtocolError(
-                "busy",
-                f"call: this connection already has {len(self.calls)} calls (the limit)",
-                id=request.id,
-                call=request.call,
-            )
-        self._manager.place(self, request.call, request.to, request.sdp, request.id)
-        self._used_ids.add(request.call)
+                refused.refusal.error, refused.message, id=request.id, call=request.call
+            ) from None
 
     def _on_hangup(self, request: Hangup) -> None:
-        self._manager.hangup(self, request.call, request.id)
+        try:
+            self._manager.hangup(self, request.call, request.id)
+        except UnknownCall:
+            raise ProtocolError(
+                "not_found",
+                f"hangup: no call {request.call!r} on this connection",
+                id=request.id,
+                call=request.call,
+            ) from None
+        except AlreadyEnding:
+            raise ProtocolError(
+                "wrong_state",
+                f"hangup: call {request.call!r} is already hanging up",
+                id=request.id,
+                call=request.call,
+            ) from None
 
     def _on_ping(self, request: Ping) -> None:
         self.send(Pong(id=request.id))
 
+    # --- the call manager's news, as wire messages ----------------------------------------
+
+    def call_answered(self, call_id: str, sdp: str, request_id: str | None) -> None:
+        self.send(Answer(call_id, sdp, id=request_id))
+
+    def call_progress(self, call_id: str, code: int, reason: str) -> None:
+        cls = Ringing if code == 180 else Progress
+        self.send(cls(call_id, code, reason))
+
+    def call_accepted(self, call_id: str, webrtc_codec: str, sip_codec: str) -> None:
+        self.send(Accepted(call_id, {"webrtc": webrtc_codec, "sip": sip_codec}))
+
+    def call_ended(self, call_id: str, result: Ending, request_id: str | None) -> None:
+        self.send(HangupEvent(call_id, result.code, result.reason, result.by, id=request_id))
+
+    def call_refused(
+        self, call_id: str, refusal: Refusal, message: str, request_id: str | None
+    ) -> None:
+        self.send(Error(refusal.error, message, id=request_id, call=call_id))
+
 
 def websocket_handler(
-    manager_key: web.AppKey[CallManager],
+    manager_key: web.AppKey[CallManager[Any]],
     metrics_key: web.AppKey[Metrics],
     ice_servers: tuple[IceServer, ...],
     max_message_bytes: int,
-    max_calls: int,
-    sockets_key: web.AppKey[set[web.WebSocketResponse]],
+    sessions_key: web.AppKey[set[Session]],
 ) -> Callable[[web.Request], Awaitable[web.WebSocketResponse]]:
     """Build the ``/ws`` handler for an app."""
 
@@ -186,15 +223,15 @@ def websocket_handler(
         await ws.prepare(request)
         app = request.app
         metrics = app[metrics_key]
-        sockets = app[sockets_key]
-        sockets.add(ws)
-        metrics.websockets_active = len(sockets)
-        session = Session(ws, app[manager_key], ice_servers, max_message_bytes, max_calls)
+        sessions = app[sessions_key]
+        session = Session(ws, app[manager_key], ice_servers, max_message_bytes)
+        sessions.add(session)
+        metrics.websockets_active.set(len(sessions))
         try:
             await session.run()
         finally:
-            sockets.discard(ws)
-            metrics.websockets_active = len(sockets)
+            sessions.discard(session)
+            metrics.websockets_active.set(len(sessions))
         return ws
 
     return handle

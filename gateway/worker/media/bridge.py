@@ -1,7 +1,7 @@
 """The media bridge of one call: two bounded PCM buffers and the uplink pump.
 
 Downlink (SIP -> browser): the SIP leg's media port pushes 20 ms frames into
-``from_sip``; :class:`~gateway.webrtc.tracks.SipAudioTrack` pops them.
+``from_sip``; :class:`~gateway.worker.webrtc.tracks.SipAudioTrack` pops them.
 Uplink (browser -> SIP): :meth:`MediaBridge.run_uplink` reads the browser's
 decoded frames, resamples them to the pivot format with PyAV and pushes them
 into ``to_sip``, which the media port pops on pjmedia's clock.

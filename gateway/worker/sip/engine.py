@@ -3,29 +3,37 @@
 pjsua2 is created with ``threadCnt = 0`` and ``mainThreadOnly = True`` and is
 only ever touched from the thread started here, which alternates between
 ``libHandleEvents`` and the command queue. The event loop talks to it through
-:meth:`SipEngine.make_call` / :meth:`SipEngine.hangup` (queued commands) and
-hears back through ``loop.call_soon_threadsafe`` with the frozen events of
-:mod:`gateway.sip.events`. Audio never passes through here: each call's
-:class:`~gateway.sip.media_port.BridgePort` is fed by pjmedia's clock thread.
+:meth:`SipEngine.make_call` / :meth:`SipEngine.hangup` (queued commands, each
+run by its handler) and hears back through ``loop.call_soon_threadsafe`` with
+the frozen facts of :mod:`gateway.worker.sip.events`. Audio never passes
+through here: each call's :class:`~gateway.worker.sip.media_port.BridgePort`
+is fed by pjmedia's clock thread.
+
+This is the only module of the worker that imports pjsua2 (with its media
+port and the embedded targets, which share :func:`create_endpoint`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import pjsua2 as pj
 
-from gateway.media.buffers import FrameBuffer
-from gateway.media.frames import PTIME_MS, SAMPLE_RATE
+from gateway.ipc import WorkerParams
+from gateway.outcomes import place_failed
+from gateway.worker.media.buffers import FrameBuffer
+from gateway.worker.media.frames import PTIME_MS, SAMPLE_RATE
 
-from .events import EndedBy, SipAnswered, SipEnded, SipEvent, SipProgress, SipReleased
+from .events import SipAnswered, SipDisconnected, SipEvent, SipFailed, SipProgress, SipReleased
 from .media_port import BridgePort, PortPool
 
 logger = logging.getLogger(__name__)
@@ -37,20 +45,8 @@ POLL_MS = 10
 _CODEC_IDS = {"PCMU": "PCMU/8000/1", "PCMA": "PCMA/8000/1", "G722": "G722/16000/1"}
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    """What one worker's SIP stack needs (a slice of :class:`gateway.config.SipConfig`)."""
-
-    bind: str = "127.0.0.1"
-    port: int = 0
-    rtp_port: int = 20000
-    #: How many RTP ports from ``rtp_port`` this process may use.
-    rtp_port_range: int = 100
-    user: str = "sipgw"
-    codecs: tuple[str, ...] = ("PCMU", "PCMA", "G722")
-    invite_timeout: float = 30.0
-    log_level: int = 1
-    max_calls: int = 4
+class SipStartError(RuntimeError):
+    """The SIP stack could not start; the message names the setting and the OS error."""
 
 
 @dataclass(frozen=True)
@@ -66,15 +62,43 @@ class _Hangup:
     key: int
 
 
+_Command = _MakeCall | _Hangup
+
+
+@contextmanager
+def _quiet(quiet: bool) -> Iterator[None]:
+    """Silence stdout and stderr at the descriptor level, where pjlib's log writes.
+
+    pjlib prints its banner before any configured log level applies, and logs
+    a failed bind as an error before raising it (the caller reports it).
+    """
+    if not quiet:
+        yield
+        return
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        for fd, copy in zip((1, 2), saved, strict=True):
+            os.dup2(copy, fd)
+            os.close(copy)
+
+
 def create_endpoint(
-    bind: str, port: int, log_level: int, max_calls: int, user_agent: str
+    bind: str, port: int, log_level: int, max_calls: int, user_agent: str, where: str
 ) -> tuple[Any, int, int]:
     """Create and start this process's Endpoint; returns it, its UDP transport id and port.
 
-    Must run on the thread that will own pjsua2 from then on.
+    Must run on the thread that will own pjsua2 from then on. ``where`` names the
+    settings behind ``bind``/``port`` for the error raised when the port cannot
+    be bound (:class:`SipStartError`).
     """
     endpoint = pj.Endpoint()
-    endpoint.libCreate()
+    with _quiet(log_level < 4):
+        endpoint.libCreate()
     config = pj.EpConfig()
     config.uaConfig.threadCnt = 0
     config.uaConfig.mainThreadOnly = True
@@ -92,7 +116,14 @@ def create_endpoint(
     transport_config = pj.TransportConfig()
     transport_config.port = port
     transport_config.boundAddress = bind
-    transport_id = endpoint.transportCreate(pj.PJSIP_TRANSPORT_UDP, transport_config)
+    try:
+        with _quiet(log_level < 4):
+            transport_id = endpoint.transportCreate(pj.PJSIP_TRANSPORT_UDP, transport_config)
+    except pj.Error as exc:
+        endpoint.libDestroy()
+        raise SipStartError(
+            f"{where}: cannot listen for SIP on UDP {bind}:{port or 'any'}: {exc.reason}"
+        ) from None
     local_name = endpoint.transportGetInfo(transport_id).localName
     bound_port = int(local_name.rsplit(":", 1)[1])
     endpoint.libStart()
@@ -122,19 +153,15 @@ class _Account(pj.Account):  # type: ignore[misc]
 
 
 class _OutgoingCall(pj.Call):  # type: ignore[misc]
-    """One outgoing INVITE; reports its states to the engine."""
+    """One outgoing INVITE: reports what pjsip sees, keeps its pjsua2 objects alive."""
 
     def __init__(self, engine: SipEngine, account: Any, command: _MakeCall) -> None:
         super().__init__(account)
         self.engine = engine
         self.key = command.key
         self.port: BridgePort | None = engine.ports.acquire(command.from_sip, command.to_sip)
-        self.deadline = time.monotonic() + engine.config.invite_timeout
-        self.responded = False
-        self.confirmed = False
-        self.ended = False  # SipEnded already sent
-        self.disconnected = False  # pjsua2 is done with the call
-        self.hangup_sent = False
+        #: pjsua2 is done with the call: the object may be deleted (on this thread).
+        self.disconnected = False
         self.codec = ""
         self.connected_media: list[Any] = []
 
@@ -142,24 +169,12 @@ class _OutgoingCall(pj.Call):  # type: ignore[misc]
         info = self.getInfo()
         state = info.state
         if state == pj.PJSIP_INV_STATE_EARLY:
-            self.responded = True
             self.engine.emit(SipProgress(self.key, info.lastStatusCode, info.lastReason))
-        elif state == pj.PJSIP_INV_STATE_CONNECTING:
-            self.responded = True
         elif state == pj.PJSIP_INV_STATE_CONFIRMED:
-            self.responded = True
-            self.confirmed = True
             self.engine.emit(SipAnswered(self.key, self.codec))
         elif state == pj.PJSIP_INV_STATE_DISCONNECTED:
             self.disconnected = True
-            by: EndedBy = "local" if self.hangup_sent else "remote"
-            code = info.lastStatusCode
-            reason = info.lastReason
-            if by == "remote" and code == 200 and self.confirmed:
-                reason = "Remote hangup (BYE)"
-            if code == 0:
-                code, reason, by = 500, reason or "SIP transport error", "gateway"
-            self.engine.end(self, code, reason, by)
+            self.engine.emit(SipDisconnected(self.key, info.lastStatusCode, info.lastReason))
 
     def onCallMediaState(self, prm: Any) -> None:
         info = self.getInfo()
@@ -183,18 +198,22 @@ class SipEngine:
 
     def __init__(
         self,
-        config: EngineConfig,
+        params: WorkerParams,
         loop: asyncio.AbstractEventLoop,
         on_event: Callable[[SipEvent], None],
     ) -> None:
-        self.config = config
+        self.params = params
         self._loop = loop
         self._on_event = on_event
-        self._commands: queue.Queue[_MakeCall | _Hangup | None] = queue.Queue()
+        self._commands: queue.Queue[_Command | None] = queue.Queue()
+        self._handlers: dict[type[_Command], Callable[[Any], None]] = {
+            _MakeCall: self._make_call,
+            _Hangup: self._hangup,
+        }
+        self._account: Any = None
         self._calls: dict[int, _OutgoingCall] = {}
         self._thread: threading.Thread | None = None
         self._started: asyncio.Future[int] | None = None
-        self._stopped = threading.Event()
         self._ports: PortPool | None = None
 
     @property
@@ -205,11 +224,19 @@ class SipEngine:
     # --- event-loop side -------------------------------------------------------------
 
     async def start(self) -> int:
-        """Start the owner thread; returns the bound SIP UDP port."""
+        """Start the owner thread; returns the bound SIP UDP port.
+
+        Raises :class:`SipStartError` when the SIP port cannot be bound.
+        """
         self._started = self._loop.create_future()
         self._thread = threading.Thread(target=self._run, name="pjsua2", daemon=True)
         self._thread.start()
-        return await self._started
+        try:
+            return await self._started
+        except BaseException:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+            raise
 
     def make_call(self, key: int, uri: str, from_sip: FrameBuffer, to_sip: FrameBuffer) -> None:
         """Queue an INVITE to ``uri``; its audio goes to ``from_sip``, comes from ``to_sip``."""
@@ -235,47 +262,50 @@ class SipEngine:
         except RuntimeError:  # loop closed during shutdown
             pass
 
-    def end(self, call: _OutgoingCall, code: int, reason: str, by: EndedBy) -> None:
-        """Report the end of ``call`` to the browser side once."""
-        if not call.ended:
-            call.ended = True
-            self.emit(SipEnded(call.key, code, reason, by))
-
     def _run(self) -> None:
-        config = self.config
+        params = self.params
+        sip = params.sip
+        where = f"sip.bind = {sip.bind!r}, sip.port = {sip.port}"
+        if sip.port:
+            where += f" (worker {params.index} uses {params.sip_port})"
         try:
             endpoint, transport_id, port = create_endpoint(
-                config.bind, config.port, config.log_level, config.max_calls, "sipgw"
+                sip.bind, params.sip_port, sip.log_level, params.max_calls, "sipgw", where
             )
-            set_codecs(endpoint, config.codecs)
-            account = _Account()
-            account_config = pj.AccountConfig()
-            account_config.idUri = f"sip:{config.user}@{config.bind}:{port}"
-            account_config.sipConfig.transportId = transport_id
-            account_config.mediaConfig.transportConfig.port = config.rtp_port
-            account_config.mediaConfig.transportConfig.portRange = config.rtp_port_range
-            account_config.mediaConfig.transportConfig.boundAddress = config.bind
-            # Use the first codec of the answer as it is: no UPDATE/re-INVITE to
-            # "lock" it, which some PBXes and SBCs handle badly.
-            account_config.mediaConfig.lockCodecEnabled = False
-            account.create(account_config, True)
-            self._ports = PortPool(config.max_calls)
+            set_codecs(endpoint, sip.codecs)
+            self._create_account(transport_id, port)
+            self._ports = PortPool(params.max_calls)
         except pj.Error as exc:
-            self._fail_start(RuntimeError(f"SIP stack failed to start: {exc.info()}"))
+            self._fail_start(SipStartError(f"SIP stack failed to start: {exc.info()}"))
             return
         except Exception as exc:
             self._fail_start(exc)
             return
         self._loop.call_soon_threadsafe(_resolve, self._started, port)
         try:
-            self._serve(endpoint, account)
+            self._serve(endpoint)
         finally:
-            self._shutdown(endpoint, account)
+            self._shutdown(endpoint)
+
+    def _create_account(self, transport_id: int, port: int) -> None:
+        """The worker's SIP identity, held only by the engine (deleted before libDestroy)."""
+        sip, params = self.params.sip, self.params
+        config = pj.AccountConfig()
+        config.idUri = f"sip:{sip.user}@{sip.bind}:{port}"
+        config.sipConfig.transportId = transport_id
+        config.mediaConfig.transportConfig.port = params.rtp_port
+        config.mediaConfig.transportConfig.portRange = params.rtp_port_range
+        config.mediaConfig.transportConfig.boundAddress = sip.bind
+        # Use the first codec of the answer as it is: no UPDATE/re-INVITE to
+        # "lock" it, which some PBXes and SBCs handle badly.
+        config.mediaConfig.lockCodecEnabled = False
+        self._account = _Account()
+        self._account.create(config, True)
 
     def _fail_start(self, exc: BaseException) -> None:
         self._loop.call_soon_threadsafe(_reject, self._started, exc)
 
-    def _serve(self, endpoint: Any, account: Any) -> None:
+    def _serve(self, endpoint: Any) -> None:
         # Reap after every pjsua2 call that may disconnect a call: pjsua reuses a
         # call slot as soon as it is free, and ~Call clears (and hangs up!) the
         # slot it last had, so a stale Call object must be gone before the next
@@ -290,40 +320,26 @@ class SipEngine:
                     break
                 if command is None:
                     return
-                if isinstance(command, _MakeCall):
-                    self._make_call(account, command)
-                else:
-                    self._hangup(command.key)
+                self._handlers[type(command)](command)
                 self._reap()
-            self._check_timeouts()
-            self._reap()
 
-    def _make_call(self, account: Any, command: _MakeCall) -> None:
-        call = _OutgoingCall(self, account, command)
+    def _make_call(self, command: _MakeCall) -> None:
+        call = _OutgoingCall(self, self._account, command)
         self._calls[command.key] = call
         if call.port is None:  # cannot happen while calls <= max_calls; be safe
             call.disconnected = True
-            self.end(call, 503, "Gateway worker has no free media port", "gateway")
+            self.emit(SipFailed(call.key, place_failed(0, "no free media port")))
             return
         try:
             call.makeCall(command.uri, pj.CallOpParam(True))
         except pj.Error as exc:
-            code = 503 if exc.status == 70010 else 400 if "URI" in exc.reason else 500
             call.disconnected = True
-            self.end(call, code, f"Call could not be placed: {exc.reason}", "gateway")
+            self.emit(SipFailed(call.key, place_failed(exc.status, exc.reason)))
 
-    def _hangup(self, key: int) -> None:
-        call = self._calls.get(key)
-        if call is None or call.ended:
-            return
-        call.hangup_sent = True
-        # Tell the browser at once: pjsua2 may need a provisional response
-        # before it can CANCEL, and that can take until Timer B.
-        if call.confirmed:
-            self.end(call, 200, "Normal call clearing", "local")
-        else:
-            self.end(call, 487, "Request Terminated", "local")
-        self._send_hangup(call)
+    def _hangup(self, command: _Hangup) -> None:
+        call = self._calls.get(command.key)
+        if call is not None:
+            self._send_hangup(call)
 
     def _send_hangup(self, call: _OutgoingCall) -> None:
         if call.disconnected:
@@ -332,14 +348,6 @@ class SipEngine:
             call.hangup(pj.CallOpParam(True))
         except pj.Error as exc:
             logger.debug("hangup of call %s: %s", call.key, exc.info())
-
-    def _check_timeouts(self) -> None:
-        now = time.monotonic()
-        for call in self._calls.values():
-            if not call.responded and not call.ended and now >= call.deadline:
-                call.hangup_sent = True
-                self.end(call, 408, "Request Timeout (no answer from the SIP target)", "gateway")
-                self._send_hangup(call)
 
     def _reap(self) -> None:
         """Delete pjsua2 objects of finished calls (never from inside their callbacks)."""
@@ -365,7 +373,7 @@ class SipEngine:
         call.port = None
         self.ports.release(port)
 
-    def _shutdown(self, endpoint: Any, account: Any) -> None:
+    def _shutdown(self, endpoint: Any) -> None:
         """Hang up, then free every pjsua2 object while the library still lives.
 
         Each step is a method of its own so that no local variable keeps a
@@ -386,18 +394,11 @@ class SipEngine:
             self._ports = None
         for _ in range(5):
             endpoint.libHandleEvents(POLL_MS)
-        try:
-            account.shutdown()
-        except pj.Error:
-            pass
+        self._drop_account()
         endpoint.libDestroy()
-        self._stopped.set()
 
     def _hang_up_all(self) -> None:
         for call in self._calls.values():
-            if not call.ended:
-                call.hangup_sent = True
-                self.end(call, 503, "Gateway shutting down", "gateway")
             self._send_hangup(call)
 
     def _drop_calls(self) -> None:
@@ -406,6 +407,13 @@ class SipEngine:
             self._release_media(self._calls[key])
             del self._calls[key]
             self.emit(SipReleased(key))
+
+    def _drop_account(self) -> None:
+        try:
+            self._account.shutdown()
+        except pj.Error:
+            pass
+        self._account = None
 
 
 def _resolve(future: asyncio.Future[int] | None, value: int) -> None:

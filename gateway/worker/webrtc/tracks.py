@@ -9,8 +9,8 @@ import av
 from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
-from gateway.media.buffers import FrameBuffer
-from gateway.media.frames import PTIME_MS, SAMPLE_RATE, SAMPLES_PER_FRAME, SILENCE, TIME_BASE
+from gateway.worker.media.buffers import FrameBuffer
+from gateway.worker.media.frames import PTIME_MS, SAMPLE_RATE, SAMPLES_PER_FRAME, SILENCE, TIME_BASE
 
 
 class SipAudioTrack(MediaStreamTrack):

@@ -14,8 +14,8 @@ from typing import Any
 
 import pjsua2 as pj
 
-from gateway.media.buffers import FrameBuffer
-from gateway.media.frames import CHANNELS, FRAME_BYTES, PTIME_MS, SAMPLE_RATE, SILENCE
+from gateway.worker.media.buffers import FrameBuffer
+from gateway.worker.media.frames import CHANNELS, FRAME_BYTES, PTIME_MS, SAMPLE_RATE, SILENCE
 
 
 def _data_pointer(vector: Any) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from aiortc import (
     RTCConfiguration,
@@ -22,6 +21,8 @@ from aiortc import (
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.sdp import SessionDescription
 
+from gateway.config import IceServer
+
 logger = logging.getLogger(__name__)
 
 #: Codecs accepted from the browser, most preferred first.
@@ -30,15 +31,6 @@ PREFERRED_CODECS = ("audio/opus", "audio/PCMU", "audio/PCMA")
 
 class BadOffer(ValueError):
     """The browser's SDP offer cannot be answered (unparsable, or no audio)."""
-
-
-@dataclass(frozen=True)
-class IceServerParams:
-    """A STUN/TURN server as aiortc wants it."""
-
-    urls: tuple[str, ...]
-    username: str | None = None
-    credential: str | None = None
 
 
 def check_offer(sdp: str) -> None:
@@ -63,7 +55,7 @@ class WebRtcLeg:
 
     def __init__(
         self,
-        ice_servers: Sequence[IceServerParams],
+        ice_servers: Sequence[IceServer],
         on_failed: Callable[[str], None],
         loopback_only: bool = False,
     ) -> None:

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import logging
 import re
+import select
 import signal
-from multiprocessing.connection import Connection
+import socket
 from typing import Any
 
 import pjsua2 as pj
 
-from gateway.media.frames import SAMPLE_RATE
-
-from .engine import POLL_MS, create_endpoint, set_codecs
+from gateway.ipc import TargetsParams, WorkerFailed, WorkerReady, send_blocking
+from gateway.worker.media.frames import SAMPLE_RATE
+from gateway.worker.sip.engine import POLL_MS, SipStartError, create_endpoint, set_codecs
 
 logger = logging.getLogger(__name__)
 
@@ -88,27 +89,35 @@ class _TargetAccount(pj.Account):  # type: ignore[misc]
         self.calls.append(call)
 
 
-def run_targets(
-    conn: Connection, bind: str, port: int, rtp_port: int, tone_hz: int, log_level: int
-) -> None:
-    """Process entry point: send the bound port on ``conn``, serve until it closes."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s targets %(levelname)s %(message)s")
+def run(sock: socket.socket, params: TargetsParams) -> None:
+    """Process entry point: report the bound port on ``sock``, serve until it closes."""
+    logging.basicConfig(
+        level=params.log_level, format="%(asctime)s targets %(levelname)s %(message)s"
+    )
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    endpoint, transport_id, bound = create_endpoint(bind, port, log_level, 4, "sipgw-embedded")
-    set_codecs(endpoint, ("PCMU", "PCMA", "G722"))
-    account = _TargetAccount(tone_hz)
-    config = pj.AccountConfig()
-    config.idUri = f"sip:targets@{bind}:{bound}"
-    config.sipConfig.transportId = transport_id
-    config.mediaConfig.transportConfig.port = rtp_port
-    config.mediaConfig.transportConfig.portRange = 100
-    config.mediaConfig.transportConfig.boundAddress = bind
-    account.create(config, True)
-    conn.send(bound)
-    logger.info("embedded targets %s on sip:%s:%s", ", ".join(TARGETS), bind, bound)
+    embedded = params.embedded
+    where = f"embedded.bind = {embedded.bind!r}, embedded.port = {embedded.port}"
     try:
-        _serve(endpoint, account, conn)
-    except (EOFError, OSError):
+        endpoint, transport_id, bound = create_endpoint(
+            embedded.bind, embedded.port, params.sip_log_level, 4, "sipgw-embedded", where
+        )
+    except SipStartError as exc:
+        send_blocking(sock, WorkerFailed(str(exc)))
+        return
+    set_codecs(endpoint, ("PCMU", "PCMA", "G722"))
+    account = _TargetAccount(embedded.tone_hz)
+    config = pj.AccountConfig()
+    config.idUri = f"sip:targets@{embedded.bind}:{bound}"
+    config.sipConfig.transportId = transport_id
+    config.mediaConfig.transportConfig.port = embedded.rtp_port
+    config.mediaConfig.transportConfig.portRange = 100
+    config.mediaConfig.transportConfig.boundAddress = embedded.bind
+    account.create(config, True)
+    send_blocking(sock, WorkerReady(bound))
+    logger.info("embedded targets %s on sip:%s:%s", ", ".join(TARGETS), embedded.bind, bound)
+    try:
+        _serve(endpoint, account, sock)
+    except OSError:
         pass
     finally:
         _hang_up_all(account)
@@ -127,10 +136,11 @@ def run_targets(
 _GRACE_TURNS = 5
 
 
-def _serve(endpoint: Any, account: _TargetAccount, conn: Connection) -> None:
+def _serve(endpoint: Any, account: _TargetAccount, sock: socket.socket) -> None:
+    """Run until the front writes to ``sock`` (stop) or closes it."""
     finished: list[tuple[int, _TargetCall]] = []
     turn = 0
-    while not conn.poll(0):
+    while not select.select([sock], [], [], 0)[0]:
         endpoint.libHandleEvents(POLL_MS)
         turn += 1
         for done in [c for c in account.calls if c.done]:

@@ -4,7 +4,7 @@ Both legs meet at 16 kHz mono signed 16-bit PCM in 20 ms frames: pjmedia's
 conference bridge runs at 16 kHz (it converts to PCMU/PCMA/G722 itself), and
 aiortc's encoders resample whatever they are given to 48 kHz (Opus) or 8 kHz
 (PCMU/PCMA) with PyAV. Browser audio is brought to this format with PyAV's
-``AudioResampler`` in :mod:`gateway.media.transcode`.
+``AudioResampler`` in :mod:`gateway.worker.media.transcode`.
 """
 
 from fractions import Fraction

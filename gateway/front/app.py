@@ -1,0 +1,180 @@
+"""Build the front process's aiohttp application.
+
+Each long-lived resource has its own cleanup context, started in order and
+stopped in reverse: the embedded targets, then the worker pool with the call
+manager. On shutdown every call is hung up on both legs, its browser is told,
+and every WebSocket is closed with GOING_AWAY.
+
+Nothing here (or below ``gateway.front``) imports pjsua2, aiortc or PyAV: the
+worker and targets processes are started by module path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from importlib import resources
+from typing import Any
+
+from aiohttp import WSCloseCode, web
+
+from gateway.config import Config
+from gateway.ipc import FromWorker
+from gateway.outcomes import End, ending
+
+from .calls import CallManager
+from .metrics import Metrics
+from .pool import WorkerHandle, WorkerPool, worker_params
+from .signaling.session import Session, websocket_handler
+from .targets import EmbeddedTargets
+
+logger = logging.getLogger(__name__)
+
+CONFIG = web.AppKey("config", Config)
+METRICS = web.AppKey("metrics", Metrics)
+TARGETS = web.AppKey("targets", EmbeddedTargets)
+POOL = web.AppKey("pool", WorkerPool)
+MANAGER: web.AppKey[CallManager[WorkerHandle]] = web.AppKey("manager")
+SESSIONS: web.AppKey[set[Session]] = web.AppKey("sessions")
+
+#: How long shutdown waits for the calls' hangup events to reach the browsers.
+SHUTDOWN_GRACE = 2.0
+
+
+async def serve(
+    config: Config,
+    shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
+    on_listening: Callable[[str], None] | None = None,
+) -> None:
+    """Run the front until ``shutdown_trigger`` returns (default: SIGINT or SIGTERM).
+
+    Every resource started is stopped again, also when start-up fails half-way
+    (``web.run_app`` would leave the ones already started running). Raises
+    :class:`~gateway.front.pool.StartupError` or ``OSError`` when a child process
+    or the HTTP socket cannot start.
+    """
+    app = build_app(config)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0)
+    try:
+        await runner.setup()
+        site = web.TCPSite(runner, config.http.host, config.http.port)
+        await site.start()
+        if on_listening is not None:
+            on_listening(f"http://{config.http.host}:{config.http.port}/")
+        await (shutdown_trigger or _signalled)()
+    finally:
+        await runner.cleanup()
+
+
+async def _signalled() -> None:
+    """Return on the first SIGINT or SIGTERM."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+
+
+def build_app(config: Config) -> web.Application:
+    app = web.Application()
+    app[CONFIG] = config
+    app[METRICS] = Metrics()
+    app[SESSIONS] = set()
+    app.cleanup_ctx.append(_embedded_targets)
+    app.cleanup_ctx.append(_workers_and_calls)
+    app.on_shutdown.append(_close_sessions)
+    handler = websocket_handler(
+        MANAGER, METRICS, config.webrtc.ice_servers, config.http.max_message_bytes, SESSIONS
+    )
+    app.router.add_get("/", _demo_page)
+    app.router.add_get("/ws", handler)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/healthz", _health)
+    return app
+
+
+async def _embedded_targets(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    if not config.embedded.enabled:
+        yield
+        return
+    targets = await EmbeddedTargets.start(
+        config.embedded, config.sip.log_level, logging.getLogger().getEffectiveLevel()
+    )
+    app[TARGETS] = targets
+    logger.info("embedded targets echo and tone at sip:%s", targets.address)
+    yield
+    await targets.stop()
+
+
+async def _workers_and_calls(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    variables = {"embedded": app[TARGETS].address} if TARGETS in app else {}
+    manager: CallManager[WorkerHandle] | None = None
+
+    # The pool and the manager refer to each other: the pool's callbacks reach
+    # the manager, created right after the pool.
+    def on_message(worker: WorkerHandle, message: FromWorker) -> None:
+        assert manager is not None
+        manager.on_worker_message(worker, message)
+
+    def on_lost(worker: WorkerHandle) -> None:
+        assert manager is not None
+        manager.on_worker_lost(worker)
+
+    pool = WorkerPool(
+        worker_params(config, logging.getLogger().getEffectiveLevel()),
+        on_message,
+        on_lost,
+        config.workers.restart_delay,
+    )
+    manager = CallManager(
+        pool, config.rules, variables, app[METRICS], config.http.max_calls_per_connection
+    )
+    app[POOL] = pool
+    app[MANAGER] = manager
+    await pool.start()
+    ports = ", ".join(str(w.sip_port) for w in pool.workers)
+    logger.info("%d workers ready (SIP ports %s)", len(pool.workers), ports)
+    yield
+    manager.end_all(ending(End.SHUTDOWN))
+    await pool.stop()
+
+
+async def _close_sessions(app: web.Application) -> None:
+    if MANAGER in app:
+        manager = app[MANAGER]
+        manager.end_all(ending(End.SHUTDOWN))
+        # Let the hangup events reach the browsers before their sockets close.
+        await manager.wait_idle(SHUTDOWN_GRACE)
+    sessions: set[Session] = app[SESSIONS]
+    closes = [s.close(WSCloseCode.GOING_AWAY, b"gateway shutting down", 0.5) for s in sessions]
+    await asyncio.gather(*closes)
+
+
+async def _demo_page(request: web.Request) -> web.Response:
+    page = resources.files("gateway").joinpath("static/index.html").read_text(encoding="utf-8")
+    return web.Response(text=page, content_type="text/html")
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body = request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
+
+
+async def _health(request: web.Request) -> web.Response:
+    pool = request.app[POOL]
+    ready = sum(1 for w in pool.workers if w.ready)
+    body: dict[str, Any] = {
+        "workers_ready": ready,
+        "workers": len(pool.workers),
+        "calls_active": request.app[MANAGER].active,
+        "worker_pids": [w.pid for w in pool.workers],
+    }
+    return web.json_response(body, status=200 if ready else 503)

@@ -1,0 +1,358 @@
+"""The front's call manager: routing, limits, worker slots, and the calls' fate.
+
+No I/O. A session's ``call`` is refused or routed through the dialplan
+(nothing it does not allow is dialled), given a slot on a worker through a
+small :class:`Pool` interface and handed to that worker; the worker's events
+come back through :meth:`CallManager.on_worker_message` (a handler table) and
+reach the owning session in call terms (:class:`CallOwner`). Only the session
+turns them into wire messages. A closed connection, a dead worker or shutdown
+ends the calls concerned on both legs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Generic, Protocol, TypeVar
+
+from dialplan import Action, InvalidNumber, Rule, route
+from gateway.ipc import (
+    CallAccepted,
+    CallAnswer,
+    CallEnded,
+    CallProgress,
+    CallRefused,
+    CallReleased,
+    EndCall,
+    FromWorker,
+    StartCall,
+    ToWorker,
+)
+from gateway.outcomes import End, Ending, Refusal, Refused, ending
+
+from .metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerRef(Protocol):
+    """A worker, as far as the manager is concerned."""
+
+    @property
+    def index(self) -> int: ...
+
+
+W = TypeVar("W", bound=WorkerRef)
+
+
+class Pool(Protocol[W]):
+    """The worker pool, as far as the manager is concerned."""
+
+    @property
+    def any_ready(self) -> bool: ...
+
+    def acquire(self, key: int) -> W | None: ...
+
+    def release(self, worker: W, key: int) -> None: ...
+
+    def send(self, worker: W, message: ToWorker) -> bool: ...
+
+
+class CallOwner(Protocol):
+    """A signaling session, told about its calls in call terms."""
+
+    def call_answered(self, call_id: str, sdp: str, request_id: str | None) -> None: ...
+
+    def call_progress(self, call_id: str, code: int, reason: str) -> None: ...
+
+    def call_accepted(self, call_id: str, webrtc_codec: str, sip_codec: str) -> None: ...
+
+    def call_ended(self, call_id: str, result: Ending, request_id: str | None) -> None: ...
+
+    def call_refused(
+        self, call_id: str, refusal: Refusal, message: str, request_id: str | None
+    ) -> None: ...
+
+
+class UnknownCall(LookupError):
+    """No live call of that id on that connection."""
+
+
+class AlreadyEnding(RuntimeError):
+    """The call is already hanging up."""
+
+
+class CallState(Enum):
+    STARTING = "starting"  # handed to a worker, which is answering the offer
+    INVITING = "inviting"  # answer sent to the browser, INVITE out
+    EARLY = "early"  # 18x received
+    CONNECTED = "connected"  # 200 OK
+    ENDING = "ending"  # hangup requested, waiting for the worker's CallEnded
+
+
+@dataclass(eq=False)
+class FrontCall(Generic[W]):
+    """One live call as the front sees it."""
+
+    key: int
+    call_id: str
+    to: str
+    uri: str
+    owner: CallOwner
+    worker: W
+    request_id: str | None = None
+    state: CallState = CallState.STARTING
+    hangup_request_id: str | None = None
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _OwnerCalls(Generic[W]):
+    live: dict[str, FrontCall[W]] = field(default_factory=dict)
+    #: Call ids handed to a worker on this connection: never reused.
+    used: set[str] = field(default_factory=set)
+
+
+class CallManager(Generic[W]):
+    """Owns every live call of the front process."""
+
+    def __init__(
+        self,
+        pool: Pool[W],
+        rules: Sequence[Rule],
+        variables: Mapping[str, str],
+        metrics: Metrics,
+        max_calls_per_owner: int,
+    ) -> None:
+        self._pool = pool
+        self._rules = tuple(rules)
+        self._variables = dict(variables)
+        self._metrics = metrics
+        self._max_per_owner = max_calls_per_owner
+        self._keys = itertools.count(1)
+        self._calls: dict[int, FrontCall[W]] = {}
+        self._owners: dict[CallOwner, _OwnerCalls[W]] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.accepting = True
+        self._handlers: dict[type[FromWorker], Callable[[W, Any], None]] = {
+            CallAnswer: self._on_answer,
+            CallProgress: self._on_progress,
+            CallAccepted: self._on_accepted,
+            CallRefused: self._on_refused,
+            CallEnded: self._on_ended,
+            CallReleased: self._on_released,
+        }
+
+    @property
+    def active(self) -> int:
+        return len(self._calls)
+
+    def live_calls(self, owner: CallOwner) -> int:
+        owned = self._owners.get(owner)
+        return len(owned.live) if owned else 0
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no call is left; ``False`` if ``timeout`` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    # --- requests from sessions ---------------------------------------------------------
+
+    def place(
+        self, owner: CallOwner, call_id: str, to: str, sdp: str, request_id: str | None
+    ) -> None:
+        """Route and start a call, or raise :class:`~gateway.outcomes.Refused`."""
+        try:
+            self._place(owner, call_id, to, sdp, request_id)
+        except Refused as refused:
+            self._metrics.call_refused(refused.refusal)
+            logger.info(
+                "call %s to %r refused: %s (%s)",
+                call_id,
+                to,
+                refused.refusal.error,
+                refused.refusal.label,
+            )
+            raise
+
+    def _place(
+        self, owner: CallOwner, call_id: str, to: str, sdp: str, request_id: str | None
+    ) -> None:
+        owned = self._owners.setdefault(owner, _OwnerCalls())
+        if call_id in owned.used:
+            raise Refused(
+                Refusal.DUPLICATE_ID, f"call: id {call_id!r} is already used on this connection"
+            )
+        if len(owned.live) >= self._max_per_owner:
+            raise Refused(
+                Refusal.CONNECTION_LIMIT,
+                f"call: this connection already has {len(owned.live)} calls (the limit)",
+            )
+        if not self.accepting:
+            raise Refused(Refusal.SHUTTING_DOWN, "the gateway is shutting down")
+        try:
+            decision = route(to, self._rules, self._variables)
+        except InvalidNumber as exc:
+            raise Refused(Refusal.BAD_NUMBER, f"call: 'to' {exc}") from None
+        if decision.action is Action.REJECT or decision.uri is None:
+            refusal = Refusal.NO_ROUTE if decision.rule is None else Refusal.DIALPLAN_REJECT
+            raise Refused(
+                refusal, f"{to!r} may not be dialled: {decision.reason} (SIP {decision.code})"
+            )
+        if not self._pool.any_ready:
+            raise Refused(Refusal.NO_WORKER, "no gateway worker is running; try again shortly")
+        key = next(self._keys)
+        worker = self._pool.acquire(key)
+        if worker is None:
+            raise Refused(Refusal.NO_CAPACITY, "every gateway worker is at its call limit")
+        if not self._pool.send(worker, StartCall(key, sdp, decision.uri)):
+            self._pool.release(worker, key)
+            raise Refused(Refusal.WORKER_UNREACHABLE, "the gateway worker is restarting")
+        call = FrontCall(key, call_id, to, decision.uri, owner, worker, request_id)
+        self._calls[key] = call
+        owned.live[call_id] = call
+        owned.used.add(call_id)
+        self._idle.clear()
+        self._metrics.calls_started.inc()
+        self._metrics.calls_active.set(len(self._calls))
+        self._metrics.calls_active_by_worker.labels(str(worker.index)).inc()
+        logger.info("call %s (%s) to %s on worker %s", key, call_id, decision.uri, worker.index)
+
+    def hangup(self, owner: CallOwner, call_id: str, request_id: str | None) -> None:
+        """Hang up a live call of ``owner`` (CANCEL or BYE).
+
+        Raises :class:`UnknownCall` or :class:`AlreadyEnding`.
+        """
+        owned = self._owners.get(owner)
+        call = owned.live.get(call_id) if owned else None
+        if call is None:
+            raise UnknownCall(call_id)
+        if call.state is CallState.ENDING:
+            raise AlreadyEnding(call_id)
+        call.state = CallState.ENDING
+        call.hangup_request_id = request_id
+        self._pool.send(call.worker, EndCall(call.key))
+
+    def disconnect(self, owner: CallOwner) -> None:
+        """The owner's connection closed: end all its calls; nobody hears the events."""
+        owned = self._owners.pop(owner, None)
+        if owned is None:
+            return
+        for call in owned.live.values():
+            if call.state is not CallState.ENDING:
+                call.state = CallState.ENDING
+                self._pool.send(call.worker, EndCall(call.key))
+
+    def end_all(self, result: Ending) -> None:
+        """Shutdown: refuse new calls and end every call with ``result``, telling its owner."""
+        self.accepting = False
+        for call in list(self._calls.values()):
+            if call.state is not CallState.ENDING:
+                call.state = CallState.ENDING
+                self._pool.send(call.worker, EndCall(call.key, result))
+
+    # --- events from workers ------------------------------------------------------------
+
+    def on_worker_message(self, worker: W, message: FromWorker) -> None:
+        self._handlers[type(message)](worker, message)
+
+    def _listening(self, call: FrontCall[W]) -> bool:
+        owned = self._owners.get(call.owner)
+        return owned is not None and owned.live.get(call.call_id) is call
+
+    def _on_answer(self, worker: W, message: CallAnswer) -> None:
+        call = self._calls.get(message.key)
+        if call is None:
+            return
+        if call.state is CallState.STARTING:
+            call.state = CallState.INVITING
+        if self._listening(call):
+            call.owner.call_answered(call.call_id, message.sdp, call.request_id)
+
+    def _on_progress(self, worker: W, message: CallProgress) -> None:
+        call = self._calls.get(message.key)
+        if call is None:
+            return
+        if call.state in (CallState.INVITING, CallState.EARLY):
+            call.state = CallState.EARLY
+        if self._listening(call):
+            call.owner.call_progress(call.call_id, message.code, message.reason)
+
+    def _on_accepted(self, worker: W, message: CallAccepted) -> None:
+        call = self._calls.get(message.key)
+        if call is None:
+            return
+        if call.state is not CallState.ENDING:
+            call.state = CallState.CONNECTED
+        self._metrics.setup_seconds.observe(time.monotonic() - call.started)
+        if self._listening(call):
+            call.owner.call_accepted(call.call_id, message.webrtc_codec, message.sip_codec)
+
+    def _on_refused(self, worker: W, message: CallRefused) -> None:
+        call = self._calls.get(message.key)
+        if call is None:
+            return
+        listening = self._listening(call)
+        self._forget(call)
+        self._metrics.call_refused(message.refusal)
+        logger.info(
+            "call %s (%s) refused by worker: %s (%s)",
+            call.key,
+            call.call_id,
+            message.refusal.error,
+            message.message,
+        )
+        if listening:
+            call.owner.call_refused(call.call_id, message.refusal, message.message, call.request_id)
+
+    def _on_ended(self, worker: W, message: CallEnded) -> None:
+        call = self._calls.get(message.key)
+        if call is not None:
+            self._end(call, message.ending, message.stats)
+
+    def _on_released(self, worker: W, message: CallReleased) -> None:
+        self._pool.release(worker, message.key)
+
+    def on_worker_lost(self, worker: W) -> None:
+        """A worker died: its calls are gone on both legs as far as we can tell."""
+        self._metrics.worker_deaths.inc()
+        died = ending(End.WORKER_DIED)
+        for call in [c for c in self._calls.values() if c.worker is worker]:
+            self._end(call, died, {})
+
+    def _end(self, call: FrontCall[W], result: Ending, stats: Mapping[str, int]) -> None:
+        listening = self._listening(call)
+        self._forget(call)
+        self._metrics.call_ended(result, stats)
+        logger.info(
+            "call %s (%s) ended: %s %s, by %s, after %.1f s (target %s)",
+            call.key,
+            call.call_id,
+            result.code,
+            result.reason,
+            result.by,
+            time.monotonic() - call.started,
+            call.uri,
+        )
+        if listening:
+            request_id = call.hangup_request_id if result.by == "local" else None
+            call.owner.call_ended(call.call_id, result, request_id)
+
+    def _forget(self, call: FrontCall[W]) -> None:
+        self._calls.pop(call.key, None)
+        owned = self._owners.get(call.owner)
+        if owned is not None and owned.live.get(call.call_id) is call:
+            del owned.live[call.call_id]
+        self._metrics.calls_active.set(len(self._calls))
+        self._metrics.calls_active_by_worker.labels(str(call.worker.index)).dec()
+        if not self._calls:
+            self._idle.set()

@@ -1,0 +1,268 @@
+"""The front's pool of worker processes: spawn, watch, assign call slots, restart.
+
+Each worker is a ``spawn``-started process, named by module path so that the
+front never imports its code, joined to the front by a :class:`~gateway.ipc.Channel`
+read by one task on the event loop. End of file on the channel means the worker
+died, which the owner hears about through ``on_lost`` (its calls end) before the
+worker is started again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import multiprocessing
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from gateway.config import Config
+from gateway.ipc import (
+    Channel,
+    Entry,
+    FromWorker,
+    Shutdown,
+    ToWorker,
+    WorkerFailed,
+    WorkerParams,
+    WorkerReady,
+)
+
+logger = logging.getLogger(__name__)
+
+_SPAWN = multiprocessing.get_context("spawn")
+
+#: The worker's entry point, by module path.
+WORKER_ENTRY = Entry("gateway.worker.main")
+
+#: RTP ports each worker may use, from ``sip.rtp_port + 100 * index``.
+RTP_PORTS_PER_WORKER = 100
+
+
+class StartupError(RuntimeError):
+    """A child process could not start; the message is meant for the operator."""
+
+
+def ice_addresses(config: Config) -> tuple[str, ...]:
+    """The ICE host addresses workers offer: configured, else loopback for a loopback front."""
+    if config.webrtc.ice_addresses:
+        return config.webrtc.ice_addresses
+    host = config.http.host
+    if host == "localhost":
+        return ("127.0.0.1",)
+    address = ipaddress.ip_address(host)
+    if address.is_loopback:
+        return ("::1",) if address.version == 6 else ("127.0.0.1",)
+    return ()
+
+
+def worker_params(config: Config, log_level: int) -> list[WorkerParams]:
+    """One parameter set per worker: worker N gets SIP port ``sip.port + N`` (0 stays 0)
+    and the RTP ports ``sip.rtp_port + 100 N`` to ``+ 99``."""
+    sip = config.sip
+    return [
+        WorkerParams(
+            index=i,
+            sip=sip,
+            sip_port=sip.port + i if sip.port else 0,
+            rtp_port=sip.rtp_port + RTP_PORTS_PER_WORKER * i,
+            rtp_port_range=RTP_PORTS_PER_WORKER,
+            max_calls=config.workers.calls_per_worker,
+            ice_servers=config.webrtc.ice_servers,
+            ice_addresses=ice_addresses(config),
+            log_level=log_level,
+        )
+        for i in range(config.workers.count)
+    ]
+
+
+@dataclass(eq=False)
+class WorkerHandle:
+    """The front's view of one worker process."""
+
+    index: int
+    capacity: int
+    process: BaseProcess | None = None
+    channel: Channel | None = None
+    sip_port: int = 0
+    ready: bool = False
+    #: Calls holding a slot, from StartCall until CallReleased.
+    slots: set[int] = field(default_factory=set)
+    reader: asyncio.Task[None] | None = None
+
+    @property
+    def free(self) -> int:
+        return self.capacity - len(self.slots) if self.ready else 0
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+
+async def spawn(entry: Entry, params: Any, name: str) -> tuple[BaseProcess, Channel]:
+    """Start ``entry(sock, params)`` in a ``spawn``-ed process joined by a channel."""
+    ours, theirs = socket.socketpair()
+    process = _SPAWN.Process(target=entry, args=(theirs, params), name=name, daemon=True)
+    try:
+        await asyncio.to_thread(process.start)
+    finally:
+        theirs.close()
+    return process, await Channel.open(ours)
+
+
+class WorkerPool:
+    """Starts one worker per parameter set and keeps them running."""
+
+    def __init__(
+        self,
+        params: list[WorkerParams],
+        on_message: Callable[[WorkerHandle, FromWorker], None],
+        on_lost: Callable[[WorkerHandle], None],
+        restart_delay: float = 1.0,
+    ) -> None:
+        self._params = params
+        self._on_message = on_message
+        self._on_lost = on_lost
+        self._restart_delay = restart_delay
+        self.workers = [WorkerHandle(p.index, p.max_calls) for p in params]
+        self._ready: dict[int, asyncio.Future[None]] = {}
+        self._closing = False
+        self._restarts: set[asyncio.Task[None]] = set()
+
+    async def start(self, timeout: float = 60.0) -> None:
+        """Start every worker and wait until each reports ready.
+
+        Raises :class:`StartupError` (after stopping what did start) if one cannot.
+        """
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(self._start_worker(w) for w in self.workers)), timeout
+            )
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start_worker(self, worker: WorkerHandle) -> None:
+        ready = asyncio.get_running_loop().create_future()
+        self._ready[worker.index] = ready
+        process, channel = await spawn(
+            WORKER_ENTRY, self._params[worker.index], f"sipgw-worker-{worker.index}"
+        )
+        worker.process, worker.channel, worker.ready = process, channel, False
+        worker.slots.clear()
+        worker.reader = asyncio.create_task(
+            self._read(worker, channel), name=f"worker-{worker.index}-reader"
+        )
+        await ready
+
+    async def _read(self, worker: WorkerHandle, channel: Channel) -> None:
+        while (message := await channel.recv()) is not None:
+            if isinstance(message, WorkerReady):
+                worker.sip_port = message.sip_port
+                worker.ready = True
+                self._settle(worker, None)
+            elif isinstance(message, WorkerFailed):
+                self._settle(worker, StartupError(message.message))
+            else:
+                self._on_message(worker, message)
+        channel.close()
+        self._lost(worker, channel)
+
+    def _settle(self, worker: WorkerHandle, error: BaseException | None) -> None:
+        ready = self._ready.get(worker.index)
+        if ready is None or ready.done():
+            return
+        if error is None:
+            ready.set_result(None)
+        else:
+            ready.set_exception(error)
+
+    def _lost(self, worker: WorkerHandle, channel: Channel) -> None:
+        if worker.channel is not channel:
+            return
+        was_ready, worker.ready = worker.ready, False
+        code = worker.process.exitcode if worker.process is not None else None
+        self._settle(
+            worker, StartupError(f"worker {worker.index} exited during start-up (exit code {code})")
+        )
+        if self._closing or not was_ready:
+            return
+        self._on_lost(worker)
+        worker.slots.clear()
+        task = asyncio.create_task(self._restart(worker, worker.process))
+        self._restarts.add(task)
+        task.add_done_callback(self._restarts.discard)
+
+    async def _restart(self, worker: WorkerHandle, dead: BaseProcess | None) -> None:
+        code = None
+        if dead is not None:  # reap it off the event loop, for its exit code
+            await asyncio.to_thread(dead.join, 5.0)
+            code = dead.exitcode
+        logger.error("worker %s died (exit code %s); restarting", worker.index, code)
+        delay = self._restart_delay
+        while not self._closing:
+            await asyncio.sleep(delay)  # back off, so a crash loop does not spin
+            try:
+                await self._start_worker(worker)
+                logger.info("worker %s restarted", worker.index)
+                return
+            except Exception as exc:
+                logger.error("worker %s failed to restart: %s", worker.index, exc)
+                delay = min(delay * 2, 30.0)
+
+    # --- what the call manager uses ------------------------------------------------------
+
+    @property
+    def any_ready(self) -> bool:
+        return any(w.ready for w in self.workers)
+
+    def acquire(self, key: int) -> WorkerHandle | None:
+        """Reserve a call slot on the least loaded ready worker, or ``None`` if all are full."""
+        candidates = [w for w in self.workers if w.free > 0]
+        if not candidates:
+            return None
+        worker = max(candidates, key=lambda w: (w.free, -w.index))
+        worker.slots.add(key)
+        return worker
+
+    def release(self, worker: WorkerHandle, key: int) -> None:
+        worker.slots.discard(key)
+
+    def send(self, worker: WorkerHandle, message: ToWorker) -> bool:
+        """Send a command; ``False`` when the worker is gone (its loss is reported apart)."""
+        if worker.channel is None or not worker.ready:
+            return False
+        return worker.channel.send(message)
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Ask every worker to hang up and exit; kill those that do not."""
+        self._closing = True
+        for task in list(self._restarts):
+            task.cancel()
+        for worker in self.workers:
+            if worker.channel is not None:
+                worker.channel.send(Shutdown())
+        await asyncio.gather(*(self._stop_worker(w, timeout) for w in self.workers))
+
+    async def _stop_worker(self, worker: WorkerHandle, timeout: float) -> None:
+        if worker.reader is not None:  # ends when the worker closes its channel
+            try:
+                await asyncio.wait_for(asyncio.shield(worker.reader), timeout)
+            except TimeoutError:
+                pass
+        process = worker.process
+        if process is not None:
+            if process.is_alive():
+                await asyncio.to_thread(process.join, 1.0)
+            if process.is_alive():
+                logger.warning("worker %s did not exit; killing it", worker.index)
+                process.kill()
+                await asyncio.to_thread(process.join, 2.0)
+        if worker.channel is not None:
+            worker.channel.close()
+        if worker.reader is not None:
+            worker.reader.cancel()
+        worker.ready = False

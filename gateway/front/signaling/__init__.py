@@ -1,0 +1,1 @@
+"""WebSocket signaling: the wire schema and one session per connection."""

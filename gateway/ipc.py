@@ -1,0 +1,224 @@
+"""What crosses between the front process and a worker: the only module both import.
+
+Only signaling crosses the process boundary, as frozen dataclasses pickled
+over a stream socket; audio stays inside the worker. A call is named by
+``key``, an integer the front assigns and never reuses. Both ends read and
+write the socket on their event loop through a :class:`Channel`: no reader
+thread, and a send never blocks (the transport buffers it).
+
+A child process is started by module path (:class:`Entry`), so the front never
+imports the worker's code, nor pjsua2, aiortc or PyAV with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import pickle
+import socket
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.config import EmbeddedConfig, IceServer, SipConfig
+from gateway.outcomes import Ending, Refusal
+
+logger = logging.getLogger(__name__)
+
+# --- how a worker is started ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerParams:
+    """Everything a worker needs, picklable for the ``spawn`` start method."""
+
+    index: int
+    sip: SipConfig
+    #: This worker's SIP UDP port (``sip.port + index``, or 0 for any free port).
+    sip_port: int
+    #: This worker's block of RTP ports: ``rtp_port`` to ``rtp_port + rtp_port_range - 1``.
+    rtp_port: int
+    rtp_port_range: int
+    max_calls: int
+    ice_servers: tuple[IceServer, ...] = ()
+    ice_addresses: tuple[str, ...] = ()
+    log_level: int = logging.INFO
+
+
+@dataclass(frozen=True)
+class TargetsParams:
+    """What the embedded targets process needs."""
+
+    embedded: EmbeddedConfig
+    #: pjsip log level, as ``sip.log_level``.
+    sip_log_level: int
+    log_level: int = logging.INFO
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A process entry point named by module path: the front never imports its module."""
+
+    module: str
+    function: str = "run"
+
+    def __call__(self, *args: Any) -> Any:
+        return getattr(importlib.import_module(self.module), self.function)(*args)
+
+
+# --- front -> worker -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StartCall:
+    """Answer ``offer_sdp`` and place a SIP call to ``uri``."""
+
+    key: int
+    offer_sdp: str
+    uri: str
+
+
+@dataclass(frozen=True)
+class EndCall:
+    """Hang up call ``key`` (CANCEL or BYE); ``ending`` overrides the browser's own result."""
+
+    key: int
+    ending: Ending | None = None
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """Hang up every call and exit."""
+
+
+# --- worker -> front -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerReady:
+    """Sent once the SIP stack listens (by workers and the embedded targets alike)."""
+
+    sip_port: int
+
+
+@dataclass(frozen=True)
+class WorkerFailed:
+    """The worker could not start; ``message`` names the config key and the OS error."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class CallAnswer:
+    """The SDP answer for the browser; the INVITE is being sent."""
+
+    key: int
+    sdp: str
+
+
+@dataclass(frozen=True)
+class CallRefused:
+    """The call could not start (bad offer...)."""
+
+    key: int
+    refusal: Refusal
+    message: str
+
+
+@dataclass(frozen=True)
+class CallProgress:
+    key: int
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class CallAccepted:
+    key: int
+    webrtc_codec: str
+    sip_codec: str
+
+
+@dataclass(frozen=True)
+class CallEnded:
+    key: int
+    ending: Ending
+    #: Frame counters of the media bridge: uplink/downlink pushed, missing, dropped.
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CallReleased:
+    """Every resource of call ``key`` is freed; its worker slot may be reused."""
+
+    key: int
+
+
+ToWorker = StartCall | EndCall | Shutdown
+FromWorker = (
+    WorkerReady
+    | WorkerFailed
+    | CallAnswer
+    | CallRefused
+    | CallProgress
+    | CallAccepted
+    | CallEnded
+    | CallReleased
+)
+
+# --- the channel -----------------------------------------------------------------------
+
+_HEADER = struct.Struct("!I")
+#: Largest message accepted: an SDP is at most 32 KiB, so this is generous.
+MAX_MESSAGE = 1 << 20
+
+
+def send_blocking(sock: socket.socket, message: object) -> None:
+    """Write one message the way :class:`Channel` frames it, for a process with no loop."""
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    sock.sendall(_HEADER.pack(len(data)) + data)
+
+
+class Channel:
+    """Length-prefixed pickles over a connected stream socket, on the event loop."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+
+    @classmethod
+    async def open(cls, sock: socket.socket) -> Channel:
+        sock.setblocking(False)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        return cls(reader, writer)
+
+    def send(self, message: object) -> bool:
+        """Queue ``message``; ``False`` when the other end is gone. Never blocks."""
+        if self._writer.is_closing():
+            return False
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        self._writer.write(_HEADER.pack(len(data)) + data)
+        return True
+
+    async def recv(self) -> Any:
+        """The next message, or ``None`` once the other end has closed."""
+        try:
+            header = await self._reader.readexactly(_HEADER.size)
+            (size,) = _HEADER.unpack(header)
+            if size > MAX_MESSAGE:
+                logger.error("IPC message of %d bytes refused; closing the channel", size)
+                return None
+            return pickle.loads(await self._reader.readexactly(size))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return None
+
+    async def drain(self) -> None:
+        """Wait until queued messages are handed to the kernel (or the peer is gone)."""
+        try:
+            await self._writer.drain()
+        except ConnectionError:
+            pass
+
+    def close(self) -> None:
+        self._writer.close()

@@ -1,0 +1,170 @@
+"""Every way a call ends or is refused, in one table.
+
+A call that started (its worker answered the offer) ends with exactly one
+:class:`Ending`: the ``hangup`` event's ``code``/``reason``/``by`` and the
+metrics label all come from :class:`End`. A call that never started is refused
+with one :class:`Refusal`: the ``error`` message's code and the metrics label.
+Pure data and functions, imported by both processes; ``docs/protocol.md``
+documents the same tables (a test holds them together).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Literal
+
+#: Who ended a call: the browser side, the SIP side, or the gateway itself.
+EndedBy = Literal["local", "remote", "gateway"]
+
+
+@dataclass(frozen=True, eq=False)  # identity: equal rows must stay distinct members
+class EndRow:
+    """One row of the endings table. ``code == 0``: taken from the SIP response."""
+
+    code: int
+    reason: str
+    by: EndedBy
+
+
+class End(Enum):
+    """How a started call ends. The member name, lower-cased, is the metrics label."""
+
+    #: The browser hung up before the answer: CANCEL sent (or no INVITE yet).
+    LOCAL_CANCEL = EndRow(487, "Request Terminated", "local")
+    #: The browser hung up an answered call: BYE sent.
+    LOCAL_BYE = EndRow(200, "Normal call clearing", "local")
+    #: The SIP side sent BYE after the answer.
+    REMOTE_BYE = EndRow(200, "Remote hangup (BYE)", "remote")
+    #: The SIP side answered the INVITE with a final error (404, 486, 603...).
+    REMOTE_REJECT = EndRow(0, "", "remote")
+    #: No 18x or 2xx within ``sip.invite_timeout``: CANCEL sent.
+    INVITE_TIMEOUT = EndRow(408, "Request Timeout (no answer from the SIP target)", "gateway")
+    #: The browser's WebRTC connection failed.
+    ICE_FAILED = EndRow(480, "ICE connection failed", "gateway")
+    #: The worker process carrying the call died.
+    WORKER_DIED = EndRow(500, "Gateway worker stopped unexpectedly", "gateway")
+    #: The SIP call ended with no status code at all (transport failure).
+    TRANSPORT_ERROR = EndRow(500, "SIP transport error", "gateway")
+    #: The SIP stack refused to start the INVITE: too many calls.
+    PLACE_TOO_MANY = EndRow(503, "Call could not be placed", "gateway")
+    #: The SIP stack refused the target URI.
+    PLACE_BAD_URI = EndRow(400, "Call could not be placed", "gateway")
+    #: Any other failure to start the INVITE.
+    PLACE_FAILED = EndRow(500, "Call could not be placed", "gateway")
+    #: The gateway is stopping.
+    SHUTDOWN = EndRow(503, "Gateway shutting down", "gateway")
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+    def __reduce_ex__(self, protocol: object) -> tuple[object, ...]:
+        return getattr, (End, self.name)  # by name: rows compare by identity
+
+
+@dataclass(frozen=True)
+class Ending:
+    """The end of one call as the browser hears it (crosses the worker pipe)."""
+
+    kind: End
+    code: int
+    reason: str
+
+    @property
+    def by(self) -> EndedBy:
+        return self.kind.value.by
+
+    @property
+    def label(self) -> str:
+        return self.kind.label
+
+
+def ending(kind: End, code: int = 0, reason: str = "") -> Ending:
+    """The table's code and reason for ``kind``; ``code``/``reason`` fill what it leaves open."""
+    row = kind.value
+    return Ending(kind, row.code or code, reason or row.reason)
+
+
+def sip_disconnected(code: int, reason: str, *, answered: bool) -> Ending:
+    """The ending of a SIP leg that the far end (or the network) ended."""
+    if code == 0:
+        return ending(End.TRANSPORT_ERROR, reason=reason)
+    if answered or code == 200:
+        return ending(End.REMOTE_BYE)
+    return ending(End.REMOTE_REJECT, code, reason or f"SIP {code}")
+
+
+def local_hangup(*, answered: bool) -> Ending:
+    """The browser's ``hangup``: BYE once answered, CANCEL before."""
+    return ending(End.LOCAL_BYE if answered else End.LOCAL_CANCEL)
+
+
+#: pj_status_t values of ``makeCall`` failures that are not plain 500s (pj_errno.h, sip_errno.h).
+PJ_ETOOMANY = 70010
+PJSIP_URI_ERRORS = range(171039, 171044)  # EINVALIDURI .. EURITOOLONG
+
+
+def place_failed(status: int, detail: str) -> Ending:
+    """The ending of a call whose INVITE the SIP stack refused to start (``pj.Error``)."""
+    if status == PJ_ETOOMANY:
+        kind = End.PLACE_TOO_MANY
+    elif status in PJSIP_URI_ERRORS:
+        kind = End.PLACE_BAD_URI
+    else:
+        kind = End.PLACE_FAILED
+    return ending(kind, reason=f"{kind.value.reason}: {detail}")
+
+
+@dataclass(frozen=True, eq=False)
+class RefusalRow:
+    """One row of the refusals table: the protocol ``error`` code sent."""
+
+    error: str
+
+
+class Refusal(Enum):
+    """Why a call never started. The member name, lower-cased, is the metrics label."""
+
+    #: ``to`` is not a valid number (empty, too long, bad character).
+    BAD_NUMBER = RefusalRow("bad_request")
+    #: No dialplan rule matches ``to`` (default deny): no INVITE sent.
+    NO_ROUTE = RefusalRow("forbidden")
+    #: A dialplan ``reject`` rule matched: no INVITE sent.
+    DIALPLAN_REJECT = RefusalRow("forbidden")
+    #: The call id was used before on this connection.
+    DUPLICATE_ID = RefusalRow("wrong_state")
+    #: The connection has ``http.max_calls_per_connection`` live calls.
+    CONNECTION_LIMIT = RefusalRow("busy")
+    #: Every ready worker is at its call limit.
+    NO_CAPACITY = RefusalRow("busy")
+    #: No worker is ready at all (all starting or restarting).
+    NO_WORKER = RefusalRow("unavailable")
+    #: The worker chosen for the call could not be reached.
+    WORKER_UNREACHABLE = RefusalRow("unavailable")
+    #: The gateway is shutting down.
+    SHUTTING_DOWN = RefusalRow("unavailable")
+    #: The browser's SDP offer cannot be answered.
+    BAD_OFFER = RefusalRow("bad_request")
+    #: Answering the offer failed unexpectedly.
+    ANSWER_FAILED = RefusalRow("internal")
+
+    @property
+    def error(self) -> str:
+        return self.value.error
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+    def __reduce_ex__(self, protocol: object) -> tuple[object, ...]:
+        return getattr, (Refusal, self.name)
+
+
+class Refused(Exception):
+    """A call that will not start; the session turns it into an ``error`` message."""
+
+    def __init__(self, refusal: Refusal, message: str) -> None:
+        super().__init__(message)
+        self.refusal = refusal
+        self.message = message

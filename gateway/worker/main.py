@@ -1,0 +1,175 @@
+"""A worker process: one pjsua2 Endpoint, the aiortc legs of its calls, their bridges.
+
+Started by the front with the ``spawn`` method, by module path (a forked child
+would inherit pjsua2's threads and sockets; the front never imports this
+module). It reads :mod:`gateway.ipc` commands from its channel on its event
+loop, dispatches each through a handler table, and exits, hanging up every
+call, when told to or when the front's end of the channel closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import signal
+import socket
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from gateway.ipc import (
+    CallReleased,
+    Channel,
+    EndCall,
+    FromWorker,
+    Shutdown,
+    StartCall,
+    ToWorker,
+    WorkerFailed,
+    WorkerParams,
+    WorkerReady,
+)
+from gateway.outcomes import End, ending
+from gateway.worker.call import BridgedCall
+from gateway.worker.sip.engine import SipEngine, SipStartError
+from gateway.worker.sip.events import SipEvent
+from gateway.worker.webrtc.peer import restrict_host_addresses
+
+logger = logging.getLogger(__name__)
+
+#: How long shutdown waits for calls to release after hanging them up, in seconds.
+SHUTDOWN_GRACE = 2.0
+
+
+def run(sock: socket.socket, params: WorkerParams) -> None:
+    """Process entry point."""
+    logging.basicConfig(
+        level=params.log_level,
+        format=f"%(asctime)s worker-{params.index} %(levelname)s %(name)s: %(message)s",
+    )
+    # The front decides when workers stop; a Ctrl-C in the terminal reaches the
+    # whole process group, so let the front handle it and tell us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if params.ice_addresses:
+        restrict_host_addresses(params.ice_addresses)
+    asyncio.run(Worker(sock, params).run())
+
+
+class Worker:
+    """The asyncio side of a worker process."""
+
+    def __init__(self, sock: socket.socket, params: WorkerParams) -> None:
+        self._sock = sock
+        self._params = params
+        self._channel: Channel | None = None
+        self._calls: dict[int, BridgedCall] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._engine: SipEngine | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._handlers: dict[type[ToWorker], Callable[[Any], None]] = {
+            StartCall: self._on_start_call,
+            EndCall: self._on_end_call,
+        }
+        addresses = params.ice_addresses
+        self._loopback_only = bool(addresses) and all(
+            ipaddress.ip_address(a).is_loopback for a in addresses
+        )
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._channel = await Channel.open(self._sock)
+        # aiortc encodes every outgoing frame in the loop's default executor, so
+        # that pool is on the audio path: one thread per call slot, named.
+        self._executor = ThreadPoolExecutor(
+            max_workers=self._params.max_calls, thread_name_prefix="encode"
+        )
+        loop.set_default_executor(self._executor)
+        self._engine = SipEngine(self._params, loop, self._on_sip)
+        try:
+            port = await self._engine.start()
+        except SipStartError as exc:
+            self._send(WorkerFailed(str(exc)))
+            await self._channel.drain()
+            self._channel.close()
+            return
+        self._send(WorkerReady(port))
+        logger.info(
+            "worker %s ready, SIP on port %s (pid %s)", self._params.index, port, os.getpid()
+        )
+        try:
+            while True:
+                message = await self._channel.recv()
+                if message is None or isinstance(message, Shutdown):
+                    break
+                self._handlers[type(message)](message)
+        finally:
+            await self._shutdown()
+
+    def _on_start_call(self, message: StartCall) -> None:
+        assert self._engine is not None
+        call = BridgedCall(
+            message.key,
+            self._engine,
+            self._params.ice_servers,
+            self._send,
+            self._forget,
+            self._params.sip.invite_timeout,
+            self._loopback_only,
+        )
+        self._calls[message.key] = call
+        self._idle.clear()
+        self._spawn(call.start(message.offer_sdp, message.uri))
+
+    def _on_end_call(self, message: EndCall) -> None:
+        call = self._calls.get(message.key)
+        if call is not None:
+            call.hangup(message.ending)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("call task failed", exc_info=task.exception())
+
+    def _on_sip(self, event: SipEvent) -> None:
+        call = self._calls.get(event.key)
+        if call is not None:
+            call.on_sip(event)
+
+    def _forget(self, key: int) -> None:
+        self._calls.pop(key, None)
+        if not self._calls:
+            self._idle.set()
+
+    def _send(self, message: FromWorker) -> None:
+        if self._channel is not None:
+            self._channel.send(message)  # False: the front is gone; we are stopping
+
+    async def _shutdown(self) -> None:
+        shutdown = ending(End.SHUTDOWN)
+        for call in list(self._calls.values()):
+            call.hangup(shutdown)
+        # Give BYEs/CANCELs a moment to leave, then stop the SIP stack for good.
+        try:
+            await asyncio.wait_for(self._idle.wait(), SHUTDOWN_GRACE)
+        except TimeoutError:
+            pass
+        for task in list(self._tasks):
+            task.cancel()
+        if self._engine is not None:
+            await self._engine.stop()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        for key in list(self._calls):  # every call has reported its end by now
+            self._send(CallReleased(key))
+        if self._channel is not None:
+            await self._channel.drain()
+            self._channel.close()

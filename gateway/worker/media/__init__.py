@@ -1,0 +1,1 @@
+"""The pivot PCM format, PyAV resampling, bounded frame buffers, the bridge."""

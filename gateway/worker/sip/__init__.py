@@ -1,0 +1,1 @@
+"""The SIP leg: the only pjsua2 code of a worker."""

@@ -1,0 +1,58 @@
+"""Facts the pjsua2 owner thread hands to the worker's event loop.
+
+Only these frozen dataclasses cross from the SIP thread into asyncio (through
+``loop.call_soon_threadsafe``); nothing pjsua2-owned ever does. They report
+what pjsip saw, not what it means for the call: :mod:`gateway.worker.call`
+owns the call's state and maps these to an outcome through
+:mod:`gateway.outcomes`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gateway.outcomes import Ending
+
+
+@dataclass(frozen=True)
+class SipProgress:
+    """A provisional response (180 Ringing, 183 Session Progress, ...)."""
+
+    key: int
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class SipAnswered:
+    """The call was answered (200 OK, ACK sent); ``codec`` is e.g. ``PCMU/8000``."""
+
+    key: int
+    codec: str
+
+
+@dataclass(frozen=True)
+class SipDisconnected:
+    """pjsip ended the INVITE session: the last status code and reason (0 if none)."""
+
+    key: int
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class SipFailed:
+    """The INVITE could not be started at all."""
+
+    key: int
+    ending: Ending
+
+
+@dataclass(frozen=True)
+class SipReleased:
+    """pjsua2 freed the call slot (after the end, possibly much later)."""
+
+    key: int
+
+
+SipEvent = SipProgress | SipAnswered | SipDisconnected | SipFailed | SipReleased

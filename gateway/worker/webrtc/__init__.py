@@ -1,0 +1,1 @@
+"""The WebRTC leg: aiortc peer connection and the paced outgoing track."""
