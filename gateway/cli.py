@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(
             f"sipgw: http.host = {config.http.host!r}, http.port = {config.http.port}: "
-            f"cannot listen: {exc.strerror or exc}",
+            f"cannot listen: {os.strerror(exc.errno) if exc.errno else exc}",
             file=sys.stderr,
         )
         return 2

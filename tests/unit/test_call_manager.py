@@ -278,3 +278,19 @@ async def test_shutdown_ends_every_call_and_refuses_new_ones(manager, pool):
     for end in pool.ends():
         manager.on_worker_message(pool.workers[0], CallEnded(end.key, shutdown))
     assert await manager.wait_idle(0.01)
+
+
+def test_one_log_line_when_a_call_ends_and_when_one_is_refused(manager, pool, caplog):
+    caplog.set_level("INFO", logger="gateway.front.calls")
+    owner = FakeOwner()
+    manager.place(owner, "c1", "echo", "offer", None)
+    (start,) = pool.starts()
+    caplog.clear()
+    busy = ending(End.REMOTE_REJECT, 486, "Busy Here")
+    manager.on_worker_message(pool.workers[0], CallEnded(start.key, busy))
+    (line,) = caplog.messages
+    assert line.startswith(f"call {start.key} (c1) ended: 486 Busy Here, by remote, after ")
+    assert line.endswith(" s (target sip:echo@127.0.0.1:5070)")
+    caplog.clear()
+    refusal_of(manager, owner, "c2", "900555")
+    assert caplog.messages == ["call c2 to '900555' refused: forbidden (dialplan_reject)"]
