@@ -34,6 +34,7 @@ from gateway.worker.media.buffers import FrameBuffer
 from gateway.worker.media.frames import PTIME_MS, SAMPLE_RATE
 
 from .events import SipAnswered, SipDisconnected, SipEvent, SipFailed, SipProgress, SipReleased
+from .guard import DROP, PASS, Answer, RequestGuard
 from .media_port import BridgePort, PortPool
 
 logger = logging.getLogger(__name__)
@@ -137,19 +138,48 @@ def set_codecs(endpoint: Any, codecs: tuple[str, ...]) -> None:
         endpoint.codecSetPriority(info.codecId, wanted.get(info.codecId, 0))
 
 
+#: Incoming calls are not enabled yet: the guard refuses every new INVITE.
+REFUSE_INVITE = Answer(480, "Incoming calls are not enabled on this gateway")
+
+
+def worker_policy(method: str) -> Answer | None:
+    """What a worker does with a new out-of-dialog request (see :mod:`.guard`)."""
+    if method == "OPTIONS":
+        return PASS  # pjsua answers 200: PBXes use it to check the gateway is up
+    if method == "ACK":
+        return DROP  # the ACK of a stateless refusal
+    if method == "INVITE":
+        return REFUSE_INVITE
+    return Answer(405, "Method Not Allowed")
+
+
+class _UnwantedCall(pj.Call):  # type: ignore[misc]
+    """An incoming call that got past the guard: refused on the next loop turn."""
+
+    def __init__(self, account: Any, call_id: int) -> None:
+        super().__init__(account, call_id)
+        self.refused = False
+        self.disconnected = False
+
+    def onCallState(self, prm: Any) -> None:
+        if self.getInfo().state == pj.PJSIP_INV_STATE_DISCONNECTED:
+            self.disconnected = True
+
+
 class _Account(pj.Account):  # type: ignore[misc]
-    """The worker's SIP identity. Incoming calls are not handled yet: 480."""
+    """The worker's SIP identity. Incoming calls are not handled yet.
+
+    The guard refuses INVITEs before this sees them; should one get here anyway,
+    it is not refused inside the callback (refusing a body-less INVITE there
+    aborts the process) but on the engine's next turn.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unwanted: list[_UnwantedCall] = []
 
     def onIncomingCall(self, prm: Any) -> None:
-        call = pj.Call(self, prm.callId)
-        op = pj.CallOpParam()
-        op.statusCode = 480
-        op.reason = "Incoming calls are not enabled on this gateway"
-        try:
-            call.hangup(op)
-        except pj.Error:
-            logger.exception("could not refuse incoming call")
-        del call
+        self.unwanted.append(_UnwantedCall(self, prm.callId))
 
 
 class _OutgoingCall(pj.Call):  # type: ignore[misc]
@@ -211,6 +241,7 @@ class SipEngine:
             _Hangup: self._hangup,
         }
         self._account: Any = None
+        self._guard: RequestGuard | None = None
         self._calls: dict[int, _OutgoingCall] = {}
         self._thread: threading.Thread | None = None
         self._started: asyncio.Future[int] | None = None
@@ -272,6 +303,7 @@ class SipEngine:
             endpoint, transport_id, port = create_endpoint(
                 sip.bind, params.sip_port, sip.log_level, params.max_calls, "sipgw", where
             )
+            self._guard = RequestGuard(worker_policy)
             set_codecs(endpoint, sip.codecs)
             self._create_account(transport_id, port)
             self._ports = PortPool(params.max_calls)
@@ -313,6 +345,7 @@ class SipEngine:
         while True:
             endpoint.libHandleEvents(POLL_MS)
             self._reap()
+            self._refuse_unwanted()
             while True:
                 try:
                     command = self._commands.get_nowait()
@@ -357,6 +390,23 @@ class SipEngine:
             self._release_media(call)
             del call
             self.emit(SipReleased(key))
+
+    def _refuse_unwanted(self) -> None:
+        unwanted = self._account.unwanted
+        if not unwanted:
+            return
+        for call in unwanted:
+            if not call.refused:
+                call.refused = True
+                op = pj.CallOpParam()
+                op.statusCode = REFUSE_INVITE.code
+                op.reason = REFUSE_INVITE.reason
+                try:
+                    call.hangup(op)
+                except pj.Error as exc:
+                    logger.debug("refusing an incoming call: %s", exc.info())
+        # Delete only once pjsip is done: a Call deleted later acts on a reused id.
+        unwanted[:] = [call for call in unwanted if not call.disconnected]
 
     def _release_media(self, call: _OutgoingCall) -> None:
         """Disconnect the call's port and give it back to the pool (never destroyed)."""
@@ -409,6 +459,7 @@ class SipEngine:
             self.emit(SipReleased(key))
 
     def _drop_account(self) -> None:
+        self._account.unwanted.clear()
         try:
             self._account.shutdown()
         except pj.Error:
