@@ -37,6 +37,8 @@ class HttpConfig:
     max_message_bytes: int = 65536
     #: Calls one WebSocket connection may have open at once.
     max_calls_per_connection: int = 8
+    #: ``call`` requests one connection may make per second (beyond: ``busy``).
+    max_call_rate: int = 10
 
     def validate(self) -> None:
         if self.host != "localhost":
@@ -44,6 +46,7 @@ class HttpConfig:
         _check_port("http.port", self.port)
         _check_range("http.max_message_bytes", self.max_message_bytes, 1024, 16 * 1024 * 1024)
         _check_range("http.max_calls_per_connection", self.max_calls_per_connection, 1, 1000)
+        _check_range("http.max_call_rate", self.max_call_rate, 1, 1000)
 
 
 @dataclass(frozen=True)
@@ -55,11 +58,15 @@ class WorkersConfig:
     calls_per_worker: int = 4
     #: Seconds to wait before restarting a worker that died.
     restart_delay: float = 1.0
+    #: Calls one worker may start per second. pjlib holds each closed RTP/RTCP
+    #: socket's slot of its 64-slot pool for 500 ms, so faster churn could empty it.
+    max_setups_per_second: int = 20
 
     def validate(self) -> None:
         _check_range("workers.count", self.count, 1, 256)
         _check_range("workers.calls_per_worker", self.calls_per_worker, 1, 4)
         _check_range("workers.restart_delay", self.restart_delay, 0.0, 600.0)
+        _check_range("workers.max_setups_per_second", self.max_setups_per_second, 1, 40)
 
 
 @dataclass(frozen=True)

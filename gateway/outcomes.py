@@ -138,6 +138,11 @@ class Refusal(Enum):
     CONNECTION_LIMIT = RefusalRow("busy")
     #: Every ready worker is at its call limit.
     NO_CAPACITY = RefusalRow("busy")
+    #: Every worker with a free slot started ``workers.max_setups_per_second`` calls
+    #: in the last second.
+    SETUP_RATE = RefusalRow("busy")
+    #: The connection made ``http.max_call_rate`` call requests in the last second.
+    CONNECTION_RATE = RefusalRow("busy")
     #: No worker is ready at all (all starting or restarting).
     NO_WORKER = RefusalRow("unavailable")
     #: The worker chosen for the call could not be reached.

@@ -133,9 +133,15 @@ async def _workers_and_calls(app: web.Application) -> AsyncIterator[None]:
         on_message,
         on_lost,
         config.workers.restart_delay,
+        config.workers.max_setups_per_second,
     )
     manager = CallManager(
-        pool, config.rules, variables, app[METRICS], config.http.max_calls_per_connection
+        pool,
+        config.rules,
+        variables,
+        app[METRICS],
+        config.http.max_calls_per_connection,
+        config.http.max_call_rate,
     )
     app[POOL] = pool
     app[MANAGER] = manager

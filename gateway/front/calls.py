@@ -33,6 +33,7 @@ from gateway.ipc import (
     StartCall,
     ToWorker,
 )
+from gateway.limits import SlidingWindow
 from gateway.outcomes import End, Ending, Refusal, Refused, ending
 
 from .metrics import Metrics
@@ -53,10 +54,9 @@ W = TypeVar("W", bound=WorkerRef)
 class Pool(Protocol[W]):
     """The worker pool, as far as the manager is concerned."""
 
-    @property
-    def any_ready(self) -> bool: ...
-
-    def acquire(self, key: int) -> W | None: ...
+    def acquire(self, key: int) -> W:
+        """A worker slot for call ``key``, or :class:`~gateway.outcomes.Refused`."""
+        ...
 
     def release(self, worker: W, key: int) -> None: ...
 
@@ -113,6 +113,8 @@ class FrontCall(Generic[W]):
 
 @dataclass
 class _OwnerCalls(Generic[W]):
+    #: ``call`` requests in the last second.
+    attempts: SlidingWindow
     live: dict[str, FrontCall[W]] = field(default_factory=dict)
     #: Call ids handed to a worker on this connection: never reused.
     used: set[str] = field(default_factory=set)
@@ -128,12 +130,16 @@ class CallManager(Generic[W]):
         variables: Mapping[str, str],
         metrics: Metrics,
         max_calls_per_owner: int,
+        max_call_rate: int = 10,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._pool = pool
         self._rules = tuple(rules)
         self._variables = dict(variables)
         self._metrics = metrics
         self._max_per_owner = max_calls_per_owner
+        self._max_call_rate = max_call_rate
+        self._clock = clock
         self._keys = itertools.count(1)
         self._calls: dict[int, FrontCall[W]] = {}
         self._owners: dict[CallOwner, _OwnerCalls[W]] = {}
@@ -187,7 +193,16 @@ class CallManager(Generic[W]):
     def _place(
         self, owner: CallOwner, call_id: str, to: str, sdp: str, request_id: str | None
     ) -> None:
-        owned = self._owners.setdefault(owner, _OwnerCalls())
+        owned = self._owners.get(owner)
+        if owned is None:
+            owned = _OwnerCalls(SlidingWindow(self._max_call_rate, 1.0, self._clock))
+            self._owners[owner] = owned
+        if not owned.attempts.add():
+            raise Refused(
+                Refusal.CONNECTION_RATE,
+                f"call: more than {self._max_call_rate} call requests in a second "
+                "on this connection",
+            )
         if call_id in owned.used:
             raise Refused(
                 Refusal.DUPLICATE_ID, f"call: id {call_id!r} is already used on this connection"
@@ -208,12 +223,8 @@ class CallManager(Generic[W]):
             raise Refused(
                 refusal, f"{to!r} may not be dialled: {decision.reason} (SIP {decision.code})"
             )
-        if not self._pool.any_ready:
-            raise Refused(Refusal.NO_WORKER, "no gateway worker is running; try again shortly")
         key = next(self._keys)
         worker = self._pool.acquire(key)
-        if worker is None:
-            raise Refused(Refusal.NO_CAPACITY, "every gateway worker is at its call limit")
         if not self._pool.send(worker, StartCall(key, sdp, decision.uri)):
             self._pool.release(worker, key)
             raise Refused(Refusal.WORKER_UNREACHABLE, "the gateway worker is restarting")

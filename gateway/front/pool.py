@@ -30,6 +30,8 @@ from gateway.ipc import (
     WorkerParams,
     WorkerReady,
 )
+from gateway.limits import SlidingWindow
+from gateway.outcomes import Refusal, Refused
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +94,8 @@ class WorkerHandle:
     #: Calls holding a slot, from StartCall until CallReleased.
     slots: set[int] = field(default_factory=set)
     reader: asyncio.Task[None] | None = None
+    #: Calls started in the last second (set-up pacing).
+    setups: SlidingWindow = field(default_factory=lambda: SlidingWindow(20, 1.0))
 
     @property
     def free(self) -> int:
@@ -122,12 +126,16 @@ class WorkerPool:
         on_message: Callable[[WorkerHandle, FromWorker], None],
         on_lost: Callable[[WorkerHandle], None],
         restart_delay: float = 1.0,
+        max_setups_per_second: int = 20,
     ) -> None:
         self._params = params
         self._on_message = on_message
         self._on_lost = on_lost
         self._restart_delay = restart_delay
-        self.workers = [WorkerHandle(p.index, p.max_calls) for p in params]
+        self.workers = [
+            WorkerHandle(p.index, p.max_calls, setups=SlidingWindow(max_setups_per_second, 1.0))
+            for p in params
+        ]
         self._ready: dict[int, asyncio.Future[None]] = {}
         self._closing = False
         self._restarts: set[asyncio.Task[None]] = set()
@@ -215,16 +223,24 @@ class WorkerPool:
 
     # --- what the call manager uses ------------------------------------------------------
 
-    @property
-    def any_ready(self) -> bool:
-        return any(w.ready for w in self.workers)
+    def acquire(self, key: int) -> WorkerHandle:
+        """Reserve a call slot on the least loaded ready worker that may start a call now.
 
-    def acquire(self, key: int) -> WorkerHandle | None:
-        """Reserve a call slot on the least loaded ready worker, or ``None`` if all are full."""
+        Raises :class:`~gateway.outcomes.Refused` when no worker is ready, all are
+        full, or those with room have started their quota of calls this second.
+        """
+        if not any(w.ready for w in self.workers):
+            raise Refused(Refusal.NO_WORKER, "no gateway worker is running; try again shortly")
         candidates = [w for w in self.workers if w.free > 0]
         if not candidates:
-            return None
-        worker = max(candidates, key=lambda w: (w.free, -w.index))
+            raise Refused(Refusal.NO_CAPACITY, "every gateway worker is at its call limit")
+        paced = [w for w in candidates if not w.setups.full()]
+        if not paced:
+            raise Refused(
+                Refusal.SETUP_RATE, "the gateway is starting calls as fast as it may; try again"
+            )
+        worker = max(paced, key=lambda w: (w.free, -w.index))
+        worker.setups.add()
         worker.slots.add(key)
         return worker
 

@@ -97,12 +97,14 @@ class BridgedCall:
         self._webrtc = WebRtcLeg(self._ice_servers, self._on_webrtc_failed, self._loopback_only)
         try:
             answer = await self._webrtc.answer(offer_sdp, SipAudioTrack(self._bridge.from_sip))
-        except BadOffer as exc:
-            await self._refuse(Refusal.BAD_OFFER, str(exc))
-            return
-        except Exception:
-            logger.exception("call %s: answering the offer failed", self.key)
-            await self._refuse(Refusal.ANSWER_FAILED, "the gateway could not answer the offer")
+        except Exception as exc:
+            if self.state is not State.ANSWERING:
+                return  # hung up while answering: its peer connection was closed under it
+            if isinstance(exc, BadOffer):
+                await self._refuse(Refusal.BAD_OFFER, str(exc))
+            else:
+                logger.exception("call %s: answering the offer failed", self.key)
+                await self._refuse(Refusal.ANSWER_FAILED, "the gateway could not answer the offer")
             return
         if self.state is not State.ANSWERING:  # ended while answering
             return

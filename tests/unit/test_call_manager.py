@@ -50,14 +50,12 @@ class FakePool:
     ready: bool = True
     sent: list[tuple[int, ToWorker]] = field(default_factory=list)
 
-    @property
-    def any_ready(self) -> bool:
-        return self.ready
-
-    def acquire(self, key: int) -> FakeWorker | None:
+    def acquire(self, key: int) -> FakeWorker:
+        if not self.ready:
+            raise Refused(Refusal.NO_WORKER, "no worker")
         free = [w for w in self.workers if len(w.slots) < w.capacity]
         if not free:
-            return None
+            raise Refused(Refusal.NO_CAPACITY, "full")
         worker = min(free, key=lambda w: len(w.slots))
         worker.slots.add(key)
         return worker
@@ -110,9 +108,22 @@ def metrics() -> Metrics:
     return Metrics()
 
 
+@dataclass
+class FakeClock:
+    now: float = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 @pytest.fixture
-def manager(pool: FakePool, metrics: Metrics) -> CallManager[FakeWorker]:
-    return CallManager(pool, RULES, {"embedded": "127.0.0.1:5070"}, metrics, 3)
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def manager(pool: FakePool, metrics: Metrics, clock: FakeClock) -> CallManager[FakeWorker]:
+    return CallManager(pool, RULES, {"embedded": "127.0.0.1:5070"}, metrics, 3, 5, clock)
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float:
@@ -197,6 +208,17 @@ def test_no_capacity_then_no_worker(manager, pool):
     assert len(pool.starts()) == 2
 
 
+def test_call_requests_are_paced_per_connection(manager, pool, clock):
+    owner = FakeOwner()
+    for i in range(5):  # refused ones count too: a flood of bad numbers is a flood
+        refusal_of(manager, owner, f"x{i}", "12345")
+    assert refusal_of(manager, owner, "c1", "echo") is Refusal.CONNECTION_RATE
+    manager.place(FakeOwner(), "c1", "echo", "offer", None)  # other connections are not
+    clock.now += 1.0
+    manager.place(owner, "c1", "echo", "offer", None)
+    assert len(pool.starts()) == 2
+
+
 def test_an_unreachable_worker_gives_its_slot_back(manager, pool):
     for worker in pool.workers:
         worker.reachable = False
@@ -205,7 +227,7 @@ def test_an_unreachable_worker_gives_its_slot_back(manager, pool):
     assert manager.active == 0
 
 
-def test_call_ids_are_never_reused_and_connections_are_limited(manager, pool):
+def test_call_ids_are_never_reused_and_connections_are_limited(manager, pool, clock):
     owner = FakeOwner()
     manager.place(owner, "c1", "echo", "offer", None)
     assert refusal_of(manager, owner, "c1", "echo") is Refusal.DUPLICATE_ID
@@ -214,6 +236,7 @@ def test_call_ids_are_never_reused_and_connections_are_limited(manager, pool):
     manager.place(owner, "c3", "echo", "offer", None)
     assert refusal_of(manager, owner, "c4", "echo") is Refusal.CONNECTION_LIMIT
     assert manager.live_calls(owner) == 3
+    clock.now += 1.0  # past the per-connection rate window
     # A refused id is not used up; an ended one stays used.
     first = pool.starts()[0]
     manager.on_worker_message(pool.workers[0], CallEnded(first.key, ending(End.REMOTE_BYE)))

@@ -51,6 +51,12 @@ logger = logging.getLogger(__name__)
 
 #: Messages queued for one browser before the gateway gives up on it.
 SEND_QUEUE = 256
+#: With this many replies queued the session stops reading requests until the
+#: queue is down to ``LOW_WATER``: a client that sends fast is slowed, not closed.
+HIGH_WATER = SEND_QUEUE // 2
+LOW_WATER = SEND_QUEUE // 8
+#: A client whose replies stay queued this long is not reading: closed (1008).
+STALL_SECONDS = 10.0
 #: A frame this many times over the limit closes the socket instead (aiohttp's guard).
 HARD_LIMIT_FACTOR = 4
 
@@ -72,6 +78,8 @@ class Session:
         self._max_message_bytes = max_message_bytes
         self._outbox: asyncio.Queue[str | None] = asyncio.Queue(SEND_QUEUE)
         self._writer: asyncio.Task[None] | None = None
+        self._drained = asyncio.Event()
+        self._drained.set()
         self._closers: set[asyncio.Future[bool]] = set()
         # One small handler per request type; each takes its own request class.
         self._handlers: dict[type[Request], Callable[[Any], None]] = {
@@ -99,6 +107,8 @@ class Session:
             async for frame in self._ws:
                 if frame.type == WSMsgType.TEXT:
                     self._receive(frame.data)
+                    if self._outbox.qsize() >= HIGH_WATER and not await self._drain():
+                        break
                 elif frame.type == WSMsgType.BINARY:
                     self.send(
                         Error("bad_request", "binary frames are not supported; send JSON text")
@@ -124,12 +134,25 @@ class Session:
                 pass
         await self._ws.close(code=code, message=message)
 
+    async def _drain(self) -> bool:
+        """Wait for the writer to catch up; ``False`` (socket closed) if the client stalls."""
+        self._drained.clear()
+        try:
+            await asyncio.wait_for(self._drained.wait(), STALL_SECONDS)
+        except TimeoutError:
+            logger.warning("session %s: browser is not reading; closing", self.id)
+            await self._ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"not reading")
+            return False
+        return True
+
     async def _write(self) -> None:
         while (text := await self._outbox.get()) is not None:
             try:
                 await self._ws.send_str(text)
             except ConnectionError:
                 return
+            if self._outbox.qsize() <= LOW_WATER:
+                self._drained.set()
 
     def _receive(self, text: str) -> None:
         if len(text.encode("utf-8", "surrogatepass")) > self._max_message_bytes:
