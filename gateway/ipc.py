@@ -149,6 +149,39 @@ class CallEnded:
 
 
 @dataclass(frozen=True)
+class Dialog:
+    """What it takes to end a call's SIP leg without its worker (which may be dead).
+
+    Taken from the INVITE the worker sent and the response that formed the
+    dialog (an 18x with a To tag, or the 2xx). Header values are as on the wire.
+    """
+
+    call_id: str
+    #: Our From header value (with our tag) and the INVITE's To value (no tag).
+    local: str
+    invite_to: str
+    #: The INVITE's Request-URI, top Via, CSeq number and Route values (for CANCEL).
+    request_uri: str
+    invite_via: str
+    cseq: int
+    invite_routes: tuple[str, ...]
+    #: The far end's To value (with its tag), its Contact URI, the route set.
+    remote: str = ""
+    remote_target: str = ""
+    route_set: tuple[str, ...] = ()
+    #: A 2xx formed the dialog (BYE ends it); else it is early (CANCEL ends it).
+    confirmed: bool = False
+
+
+@dataclass(frozen=True)
+class CallDialog:
+    """Call ``key``'s SIP dialog, sent when it forms and when it is confirmed."""
+
+    key: int
+    dialog: Dialog
+
+
+@dataclass(frozen=True)
 class CallReleased:
     """Every resource of call ``key`` is freed; its worker slot may be reused."""
 
@@ -164,6 +197,7 @@ FromWorker = (
     | CallProgress
     | CallAccepted
     | CallEnded
+    | CallDialog
     | CallReleased
 )
 

@@ -26,6 +26,7 @@ from gateway.outcomes import End, ending
 
 from .calls import CallManager
 from .metrics import Metrics
+from .orphans import Orphans
 from .pool import WorkerHandle, WorkerPool, worker_params
 from .signaling.session import Session, websocket_handler
 from .targets import EmbeddedTargets
@@ -135,6 +136,8 @@ async def _workers_and_calls(app: web.Application) -> AsyncIterator[None]:
         config.workers.restart_delay,
         config.workers.max_setups_per_second,
     )
+    orphans = Orphans(config.sip.bind)
+    await orphans.start()
     manager = CallManager(
         pool,
         config.rules,
@@ -142,15 +145,21 @@ async def _workers_and_calls(app: web.Application) -> AsyncIterator[None]:
         app[METRICS],
         config.http.max_calls_per_connection,
         config.http.max_call_rate,
+        on_orphaned=orphans.end,
     )
     app[POOL] = pool
     app[MANAGER] = manager
-    await pool.start()
+    try:
+        await pool.start()
+    except BaseException:
+        await orphans.close()
+        raise
     ports = ", ".join(str(w.sip_port) for w in pool.workers)
     logger.info("%d workers ready (SIP ports %s)", len(pool.workers), ports)
     yield
     manager.end_all(ending(End.SHUTDOWN))
     await pool.stop()
+    await orphans.close()
 
 
 async def _close_sessions(app: web.Application) -> None:

@@ -24,10 +24,12 @@ from dialplan import Action, InvalidNumber, Rule, route
 from gateway.ipc import (
     CallAccepted,
     CallAnswer,
+    CallDialog,
     CallEnded,
     CallProgress,
     CallRefused,
     CallReleased,
+    Dialog,
     EndCall,
     FromWorker,
     StartCall,
@@ -109,6 +111,8 @@ class FrontCall(Generic[W]):
     state: CallState = CallState.STARTING
     hangup_request_id: str | None = None
     started: float = field(default_factory=time.monotonic)
+    #: The SIP dialog, once formed: what ends the SIP leg if the worker dies.
+    dialog: Dialog | None = None
 
 
 @dataclass
@@ -132,6 +136,7 @@ class CallManager(Generic[W]):
         max_calls_per_owner: int,
         max_call_rate: int = 10,
         clock: Callable[[], float] = time.monotonic,
+        on_orphaned: Callable[[Dialog, Ending], None] | None = None,
     ) -> None:
         self._pool = pool
         self._rules = tuple(rules)
@@ -140,6 +145,7 @@ class CallManager(Generic[W]):
         self._max_per_owner = max_calls_per_owner
         self._max_call_rate = max_call_rate
         self._clock = clock
+        self._on_orphaned = on_orphaned
         self._keys = itertools.count(1)
         self._calls: dict[int, FrontCall[W]] = {}
         self._owners: dict[CallOwner, _OwnerCalls[W]] = {}
@@ -152,6 +158,7 @@ class CallManager(Generic[W]):
             CallAccepted: self._on_accepted,
             CallRefused: self._on_refused,
             CallEnded: self._on_ended,
+            CallDialog: self._on_dialog,
             CallReleased: self._on_released,
         }
 
@@ -330,14 +337,21 @@ class CallManager(Generic[W]):
         if call is not None:
             self._end(call, message.ending, message.stats)
 
+    def _on_dialog(self, worker: W, message: CallDialog) -> None:
+        call = self._calls.get(message.key)
+        if call is not None:
+            call.dialog = message.dialog
+
     def _on_released(self, worker: W, message: CallReleased) -> None:
         self._pool.release(worker, message.key)
 
     def on_worker_lost(self, worker: W) -> None:
-        """A worker died: its calls are gone on both legs as far as we can tell."""
+        """A worker died: its browsers hear it, its SIP peers get BYE or CANCEL from here."""
         self._metrics.worker_deaths.inc()
         died = ending(End.WORKER_DIED)
         for call in [c for c in self._calls.values() if c.worker is worker]:
+            if call.dialog is not None and self._on_orphaned is not None:
+                self._on_orphaned(call.dialog, died)
             self._end(call, died, {})
 
     def _end(self, call: FrontCall[W], result: Ending, stats: Mapping[str, int]) -> None:

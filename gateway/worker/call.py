@@ -21,6 +21,7 @@ from gateway.config import IceServer
 from gateway.ipc import (
     CallAccepted,
     CallAnswer,
+    CallDialog,
     CallEnded,
     CallProgress,
     CallRefused,
@@ -32,6 +33,7 @@ from gateway.worker.media.bridge import MediaBridge
 from gateway.worker.sip.engine import SipEngine
 from gateway.worker.sip.events import (
     SipAnswered,
+    SipDialog,
     SipDisconnected,
     SipEvent,
     SipFailed,
@@ -89,6 +91,7 @@ class BridgedCall:
             SipAnswered: self._on_answered,
             SipDisconnected: self._on_disconnected,
             SipFailed: self._on_failed,
+            SipDialog: self._on_dialog,
             SipReleased: self._on_released_by_sip,
         }
 
@@ -176,6 +179,10 @@ class BridgedCall:
     def _on_failed(self, event: SipFailed) -> None:
         if self.state in _LIVE:
             self._finish(event.ending)
+
+    def _on_dialog(self, event: SipDialog) -> None:
+        if self.state in _LIVE:
+            self._send(CallDialog(self.key, event.dialog))
 
     def _on_released_by_sip(self, event: SipReleased) -> None:
         self._sip_released = True

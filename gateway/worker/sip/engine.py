@@ -28,12 +28,21 @@ from typing import Any
 
 import pjsua2 as pj
 
-from gateway.ipc import WorkerParams
+from gateway.ipc import Dialog, WorkerParams
 from gateway.outcomes import place_failed
 from gateway.worker.media.buffers import FrameBuffer
 from gateway.worker.media.frames import PTIME_MS, SAMPLE_RATE
 
-from .events import SipAnswered, SipDisconnected, SipEvent, SipFailed, SipProgress, SipReleased
+from .dialog import from_invite, with_response
+from .events import (
+    SipAnswered,
+    SipDialog,
+    SipDisconnected,
+    SipEvent,
+    SipFailed,
+    SipProgress,
+    SipReleased,
+)
 from .guard import DROP, PASS, Answer, RequestGuard
 from .media_port import BridgePort, PortPool
 
@@ -194,6 +203,8 @@ class _OutgoingCall(pj.Call):  # type: ignore[misc]
         self.disconnected = False
         self.codec = ""
         self.connected_media: list[Any] = []
+        self.invite: Dialog | None = None
+        self.dialog: Dialog | None = None
 
     def onCallState(self, prm: Any) -> None:
         info = self.getInfo()
@@ -205,6 +216,20 @@ class _OutgoingCall(pj.Call):  # type: ignore[misc]
         elif state == pj.PJSIP_INV_STATE_DISCONNECTED:
             self.disconnected = True
             self.engine.emit(SipDisconnected(self.key, info.lastStatusCode, info.lastReason))
+
+    def onCallTsxState(self, prm: Any) -> None:
+        """Keep the dialog's identity, so that the front can end it if this process dies."""
+        event = prm.e.body.tsxState
+        tsx = event.tsx
+        if tsx.method != "INVITE" or tsx.role != pj.PJSIP_ROLE_UAC:
+            return
+        if tsx.state == pj.PJSIP_TSX_STATE_CALLING:  # sent (again, after a challenge)
+            self.invite = from_invite(tsx.lastTx.wholeMsg)
+        elif event.type == pj.PJSIP_EVENT_RX_MSG and self.invite is not None:
+            dialog = with_response(self.invite, event.src.rdata.wholeMsg)
+            if dialog is not None and dialog != self.dialog:
+                self.dialog = dialog
+                self.engine.emit(SipDialog(self.key, dialog))
 
     def onCallMediaState(self, prm: Any) -> None:
         info = self.getInfo()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gateway.ipc import Dialog
 from gateway.outcomes import Ending
 
 
@@ -49,10 +50,18 @@ class SipFailed:
 
 
 @dataclass(frozen=True)
+class SipDialog:
+    """The call's dialog formed (18x with a tag) or was confirmed (2xx)."""
+
+    key: int
+    dialog: Dialog
+
+
+@dataclass(frozen=True)
 class SipReleased:
     """pjsua2 freed the call slot (after the end, possibly much later)."""
 
     key: int
 
 
-SipEvent = SipProgress | SipAnswered | SipDisconnected | SipFailed | SipReleased
+SipEvent = SipProgress | SipAnswered | SipDisconnected | SipFailed | SipDialog | SipReleased
