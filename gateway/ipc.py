@@ -18,8 +18,8 @@ import logging
 import pickle
 import socket
 import struct
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Self
 
 from gateway.config import EmbeddedConfig, IceServer, SipConfig
 from gateway.outcomes import Ending, Refusal
@@ -45,15 +45,28 @@ class WorkerParams:
     ice_addresses: tuple[str, ...] = ()
     log_level: int = logging.INFO
 
+    def with_sip_port(self, port: int) -> Self:
+        return replace(self, sip_port=port)
+
 
 @dataclass(frozen=True)
 class TargetsParams:
-    """What the embedded targets process needs."""
+    """What one embedded targets process needs."""
 
+    index: int
     embedded: EmbeddedConfig
+    #: This process's SIP UDP port (``embedded.port + index``, or 0 for any free port).
+    sip_port: int
+    #: This process's block of 100 RTP ports, from ``embedded.rtp_port + 100 * index``.
+    rtp_port: int
+    #: Calls it answers at once (pjsua's limit).
+    max_calls: int
     #: pjsip log level, as ``sip.log_level``.
     sip_log_level: int
     log_level: int = logging.INFO
+
+    def with_sip_port(self, port: int) -> Self:
+        return replace(self, sip_port=port)
 
 
 @dataclass(frozen=True)
@@ -90,6 +103,17 @@ class EndCall:
 @dataclass(frozen=True)
 class Shutdown:
     """Hang up every call and exit."""
+
+
+# --- front -> embedded targets -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DropCallsFrom:
+    """A worker died: hang up the calls that came from its SIP address (no BYE will)."""
+
+    host: str
+    port: int
 
 
 # --- worker -> front -----------------------------------------------------------------
@@ -156,6 +180,7 @@ class CallReleased:
 
 
 ToWorker = StartCall | EndCall | Shutdown
+ToTargets = DropCallsFrom | Shutdown
 FromWorker = (
     WorkerReady
     | WorkerFailed
@@ -178,6 +203,28 @@ def send_blocking(sock: socket.socket, message: object) -> None:
     """Write one message the way :class:`Channel` frames it, for a process with no loop."""
     data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
     sock.sendall(_HEADER.pack(len(data)) + data)
+
+
+def recv_blocking(sock: socket.socket) -> Any:
+    """Read one message framed by :class:`Channel`; ``None`` once the other end has closed."""
+    header = _read_exactly(sock, _HEADER.size)
+    if header is None:
+        return None
+    (size,) = _HEADER.unpack(header)
+    if size > MAX_MESSAGE:
+        return None
+    data = _read_exactly(sock, size)
+    return None if data is None else pickle.loads(data)
+
+
+def _read_exactly(sock: socket.socket, size: int) -> bytes | None:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return data
 
 
 class Channel:

@@ -18,7 +18,14 @@ from typing import Any
 
 import pjsua2 as pj
 
-from gateway.ipc import TargetsParams, WorkerFailed, WorkerReady, send_blocking
+from gateway.ipc import (
+    DropCallsFrom,
+    TargetsParams,
+    WorkerFailed,
+    WorkerReady,
+    recv_blocking,
+    send_blocking,
+)
 from gateway.worker.media.frames import SAMPLE_RATE
 from gateway.worker.sip.engine import POLL_MS, SipStartError, create_endpoint, set_codecs
 
@@ -110,6 +117,18 @@ class _TargetAccount(pj.Account):  # type: ignore[misc]
             self.retired.append((self.turn + _GRACE_TURNS, call.tone))
             call.tone = None
 
+    def drop_calls_from(self, host: str, port: int) -> None:
+        """Hang up the calls whose caller's Contact is ``host:port`` (a dead worker)."""
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        contact = re.compile(rf"@{re.escape(where)}(?:[;>]|$)")
+        for call in list(self.calls):
+            if contact.search(call.getInfo().remoteContact):
+                logger.info("hanging up call %s: its caller at %s is gone", call.getId(), where)
+                try:
+                    call.hangup(pj.CallOpParam(True))
+                except pj.Error:
+                    pass
+
     def reap(self) -> None:
         """Delete the tone generators whose grace turns are over."""
         while self.retired and self.retired[0][0] <= self.turn:
@@ -124,9 +143,16 @@ def run(sock: socket.socket, params: TargetsParams) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     embedded = params.embedded
     where = f"embedded.bind = {embedded.bind!r}, embedded.port = {embedded.port}"
+    if params.index:
+        where += f" (+ {params.index} for targets process {params.index})"
     try:
         endpoint, transport_id, bound = create_endpoint(
-            embedded.bind, embedded.port, params.sip_log_level, 4, "sipgw-embedded", where
+            embedded.bind,
+            params.sip_port,
+            params.sip_log_level,
+            params.max_calls,
+            "sipgw-embedded",
+            where,
         )
     except SipStartError as exc:
         send_blocking(sock, WorkerFailed(str(exc)))
@@ -136,12 +162,18 @@ def run(sock: socket.socket, params: TargetsParams) -> None:
     config = pj.AccountConfig()
     config.idUri = f"sip:targets@{embedded.bind}:{bound}"
     config.sipConfig.transportId = transport_id
-    config.mediaConfig.transportConfig.port = embedded.rtp_port
+    config.mediaConfig.transportConfig.port = params.rtp_port
     config.mediaConfig.transportConfig.portRange = 100
     config.mediaConfig.transportConfig.boundAddress = embedded.bind
     account.create(config, True)
     send_blocking(sock, WorkerReady(bound))
-    logger.info("embedded targets %s on sip:%s:%s", ", ".join(TARGETS), embedded.bind, bound)
+    logger.info(
+        "embedded targets %s on sip:%s:%s (process %s)",
+        ", ".join(TARGETS),
+        embedded.bind,
+        bound,
+        params.index,
+    )
     try:
         _serve(endpoint, account, sock)
     except OSError:
@@ -158,11 +190,16 @@ def run(sock: socket.socket, params: TargetsParams) -> None:
 
 
 def _serve(endpoint: Any, account: _TargetAccount, sock: socket.socket) -> None:
-    """Run until the front writes to ``sock`` (stop) or closes it."""
-    while not select.select([sock], [], [], 0)[0]:
+    """Run until the front says ``Shutdown`` or closes ``sock``."""
+    while True:
         endpoint.libHandleEvents(POLL_MS)
         account.turn += 1
         account.reap()
+        if select.select([sock], [], [], 0)[0]:
+            message = recv_blocking(sock)  # the front writes whole messages at once
+            if not isinstance(message, DropCallsFrom):
+                return  # Shutdown, or the front is gone
+            account.drop_calls_from(message.host, message.port)
 
 
 def _hang_up_all(account: _TargetAccount) -> None:

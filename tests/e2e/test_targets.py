@@ -14,7 +14,7 @@ import urllib.request
 from collections.abc import Iterator
 
 import pytest
-from peers.gateway import Gateway, make_config, start_gateway, stop_gateway
+from peers.gateway import Gateway, free_port, make_config, start_gateway, stop_gateway
 from peers.webclient import ClientCall, WebClient
 
 #: One frequency per concurrent call: audio crossing between calls would show.
@@ -100,3 +100,72 @@ async def test_hanging_up_one_echo_call_never_ends_another(gateway):
         ] and call.call_id not in ended_early:
             failures.append(f"{call.call_id} ended {ended}")
     assert not failures, f"{len(failures)} failures in {len(ORDERS)} rounds: {failures}"
+
+
+@pytest.mark.timeout(60)
+async def test_as_many_echo_calls_as_the_workers_carry(gateway):
+    """2 workers x 4 calls: eight echo calls at once, each hearing its own tone back."""
+    await wait_for(lambda: gateway.health()["calls_active"] == 0, 10)
+    freqs = [400 + 100 * i for i in range(8)]
+    async with WebClient(gateway.url) as client:
+        calls = await establish_all(client, [f"e{hz}" for hz in freqs], freqs)
+        tones = await asyncio.gather(
+            *(c.wait_for_tone(hz) for c, hz in zip(calls, freqs, strict=True))
+        )
+        for call, hz, tone in zip(calls, freqs, tones, strict=True):
+            assert abs(tone.hz - hz) <= 10 and tone.rms > 0.02, (call.call_id, tone)
+        for call in calls:
+            reply = await client.hangup(call.call_id)
+            assert (reply["type"], reply["by"]) == ("hangup", "local"), reply
+    assert gateway.health()["targets"] == 2
+
+
+def readyz(url: str) -> tuple[int, dict[str, object]]:
+    try:
+        with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
+            return response.status, dict(json.loads(response.read()))
+    except urllib.error.HTTPError as error:
+        return error.code, dict(json.loads(error.read()))
+
+
+@pytest.fixture
+def own_gateway(tmp_path) -> Iterator[Gateway]:
+    """A gateway of this test's own: its targets get killed."""
+    gw = start_gateway(tmp_path, make_config(http_port := free_port()), http_port)
+    try:
+        gw.wait_ready()
+        yield gw
+    finally:
+        stop_gateway(gw)
+
+
+@pytest.mark.timeout(90)
+async def test_killed_targets_end_their_calls_and_restart_on_the_same_port(own_gateway):
+    gw = own_gateway
+    await wait_for(lambda: readyz(gw.url)[0] == 200, 30)
+    before = gw.health()
+    assert before["targets_ready"] == before["targets"] == 2, before
+    async with WebClient(gw.url) as client:
+        call = await client.establish("doomed", "echo")
+        await client.wait_event(call, "accepted")
+        tone = await call.wait_for_tone(1000)
+        assert abs(tone.hz - 1000) <= 10, tone
+        for pid in before["targets_pids"]:
+            os.kill(pid, signal.SIGKILL)
+        hangup = await client.wait_event(call, "hangup", timeout=5)
+        assert (hangup["code"], hangup["by"]) == (500, "gateway"), hangup
+        assert "target" in hangup["reason"], hangup
+        status, body = await asyncio.to_thread(readyz, gw.url)
+        assert status == 503, body
+        assert "targets 0" in body["not_ready"] or "targets 1" in body["not_ready"], body
+        await wait_for(lambda: readyz(gw.url)[0] == 200, 30)
+        after = gw.health()
+        assert after["targets_ready"] == 2, after
+        assert not set(after["targets_pids"]) & set(before["targets_pids"]), (before, after)
+        # Restarted on the ports they had: what {embedded} stood for is still valid.
+        assert after["targets_addresses"] == before["targets_addresses"], (before, after)
+        call2 = await client.establish("after", "echo", tone_hz=700)
+        await client.wait_event(call2, "accepted", timeout=15)
+        tone = await call2.wait_for_tone(700)
+        assert abs(tone.hz - 700) <= 10, tone
+        await client.hangup("after")
