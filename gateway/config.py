@@ -172,6 +172,10 @@ DEFAULT_RULES: tuple[dict[str, Any], ...] = (
 )
 
 
+#: Calls one embedded targets process answers at once: PJSUA_MAX_CALLS in pjsua2-python.
+EMBEDDED_CALLS_PER_PROCESS = 4
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole gateway configuration."""
@@ -184,6 +188,12 @@ class Config:
     rules: tuple[Rule, ...] = field(
         default_factory=lambda: load_rules(list(DEFAULT_RULES), DIALPLAN_VARIABLES)
     )
+
+    @property
+    def embedded_processes(self) -> int:
+        """Embedded targets processes needed to answer every call the workers can carry."""
+        calls = self.workers.count * self.workers.calls_per_worker
+        return max(1, -(-calls // EMBEDDED_CALLS_PER_PROCESS))
 
     def validate(self) -> None:
         for section in (self.http, self.workers, self.sip, self.webrtc, self.embedded):
@@ -199,13 +209,37 @@ class Config:
                 f"config: sip.rtp_port = {self.sip.rtp_port}: {self.workers.count} workers need "
                 f"100 RTP ports each, past port 65535"
             )
-        if not self.embedded.enabled:
+        if self.embedded.enabled:
+            self._validate_embedded_ports()
+        else:
             for rule in self.rules:
                 if rule.target and "{embedded}" in rule.target:
                     raise ConfigError(
                         f"config: dialplan rule {rule.name!r} routes to {{embedded}} "
                         "but embedded.enabled is false"
                     )
+
+    def _validate_embedded_ports(self) -> None:
+        embedded, count = self.embedded, self.embedded_processes
+        last = count - 1
+        if embedded.port and embedded.port + last > 65535:
+            raise ConfigError(
+                f"config: embedded.port = {embedded.port}: targets process {last} would need "
+                f"port {embedded.port + last} (process N uses embedded.port + N)"
+            )
+        rtp_end = embedded.rtp_port + 100 * count
+        if rtp_end > 65536:
+            raise ConfigError(
+                f"config: embedded.rtp_port = {embedded.rtp_port}: {count} targets processes "
+                "need 100 RTP ports each, past port 65535"
+            )
+        workers_end = self.sip.rtp_port + 100 * self.workers.count
+        if embedded.rtp_port < workers_end and self.sip.rtp_port < rtp_end:
+            raise ConfigError(
+                f"config: embedded.rtp_port = {embedded.rtp_port}: its {count} blocks of 100 "
+                f"RTP ports overlap the workers' (sip.rtp_port = {self.sip.rtp_port}, "
+                f"{self.workers.count} blocks)"
+            )
 
 
 _SECTIONS: dict[str, type[Any]] = {

@@ -18,8 +18,8 @@ import logging
 import pickle
 import socket
 import struct
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Self
 
 from gateway.config import EmbeddedConfig, IceServer, SipConfig
 from gateway.outcomes import Ending, Refusal
@@ -45,15 +45,28 @@ class WorkerParams:
     ice_addresses: tuple[str, ...] = ()
     log_level: int = logging.INFO
 
+    def with_sip_port(self, port: int) -> Self:
+        return replace(self, sip_port=port)
+
 
 @dataclass(frozen=True)
 class TargetsParams:
-    """What the embedded targets process needs."""
+    """What one embedded targets process needs."""
 
+    index: int
     embedded: EmbeddedConfig
+    #: This process's SIP UDP port (``embedded.port + index``, or 0 for any free port).
+    sip_port: int
+    #: This process's block of 100 RTP ports, from ``embedded.rtp_port + 100 * index``.
+    rtp_port: int
+    #: Calls it answers at once (pjsua's limit).
+    max_calls: int
     #: pjsip log level, as ``sip.log_level``.
     sip_log_level: int
     log_level: int = logging.INFO
+
+    def with_sip_port(self, port: int) -> Self:
+        return replace(self, sip_port=port)
 
 
 @dataclass(frozen=True)
@@ -189,6 +202,7 @@ class CallReleased:
 
 
 ToWorker = StartCall | EndCall | Shutdown
+ToTargets = Shutdown
 FromWorker = (
     WorkerReady
     | WorkerFailed

@@ -44,6 +44,8 @@ class End(Enum):
     ICE_FAILED = EndRow(480, "ICE connection failed", "gateway")
     #: The worker process carrying the call died.
     WORKER_DIED = EndRow(500, "Gateway worker stopped unexpectedly", "gateway")
+    #: The embedded targets process answering the call died.
+    TARGET_DIED = EndRow(500, "Embedded SIP target stopped unexpectedly", "gateway")
     #: The SIP call ended with no status code at all (transport failure).
     TRANSPORT_ERROR = EndRow(500, "SIP transport error", "gateway")
     #: The SIP stack refused to start the INVITE: too many calls.

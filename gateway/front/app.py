@@ -21,7 +21,7 @@ from typing import Any
 from aiohttp import WSCloseCode, web
 
 from gateway.config import Config
-from gateway.ipc import FromWorker
+from gateway.ipc import FromWorker, WorkerParams
 from gateway.outcomes import End, ending
 
 from .calls import CallManager
@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 CONFIG = web.AppKey("config", Config)
 METRICS = web.AppKey("metrics", Metrics)
 TARGETS = web.AppKey("targets", EmbeddedTargets)
-POOL = web.AppKey("pool", WorkerPool)
+POOL: web.AppKey[WorkerPool[WorkerParams]] = web.AppKey("pool")
 MANAGER: web.AppKey[CallManager[WorkerHandle]] = web.AppKey("manager")
 SESSIONS: web.AppKey[set[Session]] = web.AppKey("sessions")
 
@@ -97,6 +97,7 @@ def build_app(config: Config) -> web.Application:
     app.router.add_get("/ws", handler)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", _health)
+    app.router.add_get("/readyz", _ready)
     return app
 
 
@@ -105,18 +106,22 @@ async def _embedded_targets(app: web.Application) -> AsyncIterator[None]:
     if not config.embedded.enabled:
         yield
         return
-    targets = await EmbeddedTargets.start(
-        config.embedded, config.sip.log_level, logging.getLogger().getEffectiveLevel()
-    )
+
+    def on_lost(keys: set[int]) -> None:  # its calls get no BYE: end them
+        if MANAGER in app:
+            app[MANAGER].end_calls(keys, ending(End.TARGET_DIED))
+
+    targets = EmbeddedTargets(config, on_lost, logging.getLogger().getEffectiveLevel())
+    await targets.start()
     app[TARGETS] = targets
-    logger.info("embedded targets echo and tone at sip:%s", targets.address)
+    logger.info("embedded targets echo and tone at sip:%s", ", ".join(targets.addresses))
     yield
     await targets.stop()
 
 
 async def _workers_and_calls(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
-    variables = {"embedded": app[TARGETS].address} if TARGETS in app else {}
+    targets = app[TARGETS] if TARGETS in app else None
     manager: CallManager[WorkerHandle] | None = None
 
     # The pool and the manager refer to each other: the pool's callbacks reach
@@ -127,7 +132,7 @@ async def _workers_and_calls(app: web.Application) -> AsyncIterator[None]:
 
     def on_lost(worker: WorkerHandle) -> None:
         assert manager is not None
-        manager.on_worker_lost(worker)
+        manager.on_worker_lost(worker)  # its calls' SIP peers get BYE from the front
 
     pool = WorkerPool(
         worker_params(config, logging.getLogger().getEffectiveLevel()),
@@ -141,10 +146,11 @@ async def _workers_and_calls(app: web.Application) -> AsyncIterator[None]:
     manager = CallManager(
         pool,
         config.rules,
-        variables,
+        {},
         app[METRICS],
         config.http.max_calls_per_connection,
         config.http.max_call_rate,
+        embedded=targets,
         on_orphaned=orphans.end,
     )
     app[POOL] = pool
@@ -184,6 +190,7 @@ async def _metrics(request: web.Request) -> web.Response:
 
 
 async def _health(request: web.Request) -> web.Response:
+    """Liveness: 200 while at least one worker can take calls; every process's state."""
     pool = request.app[POOL]
     ready = sum(1 for w in pool.workers if w.ready)
     body: dict[str, Any] = {
@@ -192,4 +199,17 @@ async def _health(request: web.Request) -> web.Response:
         "calls_active": request.app[MANAGER].active,
         "worker_pids": [w.pid for w in pool.workers],
     }
+    if TARGETS in request.app:
+        body.update(request.app[TARGETS].health())
     return web.json_response(body, status=200 if ready else 503)
+
+
+async def _ready(request: web.Request) -> web.Response:
+    """Readiness: 200 only when every worker and every targets process is ready."""
+    not_ready = [f"worker {w.index}" for w in request.app[POOL].workers if not w.ready]
+    if TARGETS in request.app:
+        not_ready += [f"targets {p.index}" for p in request.app[TARGETS].processes if not p.ready]
+    if not request.app[MANAGER].accepting:
+        not_ready.append("shutting down")
+    body = {"ready": not not_ready, "not_ready": not_ready}
+    return web.json_response(body, status=503 if not_ready else 200)

@@ -65,6 +65,16 @@ class Pool(Protocol[W]):
     def send(self, worker: W, message: ToWorker) -> bool: ...
 
 
+class Embedded(Protocol):
+    """The embedded targets processes, as far as the manager is concerned."""
+
+    def acquire(self, key: int) -> str:
+        """The ``host:port`` call ``key`` may use for ``{embedded}``, holding a slot there."""
+        ...
+
+    def release(self, key: int) -> None: ...
+
+
 class CallOwner(Protocol):
     """A signaling session, told about its calls in call terms."""
 
@@ -108,6 +118,8 @@ class FrontCall(Generic[W]):
     owner: CallOwner
     worker: W
     request_id: str | None = None
+    #: The call holds a slot of the embedded targets (its route used ``{embedded}``).
+    embedded: bool = False
     state: CallState = CallState.STARTING
     hangup_request_id: str | None = None
     started: float = field(default_factory=time.monotonic)
@@ -137,8 +149,10 @@ class CallManager(Generic[W]):
         max_call_rate: int = 10,
         clock: Callable[[], float] = time.monotonic,
         on_orphaned: Callable[[Dialog, Ending], None] | None = None,
+        embedded: Embedded | None = None,
     ) -> None:
         self._pool = pool
+        self._embedded = embedded
         self._rules = tuple(rules)
         self._variables = dict(variables)
         self._metrics = metrics
@@ -221,8 +235,34 @@ class CallManager(Generic[W]):
             )
         if not self.accepting:
             raise Refused(Refusal.SHUTTING_DOWN, "the gateway is shutting down")
+        key = next(self._keys)
+        targets = self._embedded
+        # Picked before routing: which targets process ``{embedded}`` stands for.
+        address = targets.acquire(key) if targets is not None else None
+        variables = self._variables
+        if address is not None:
+            variables = {**variables, "embedded": address}
+        embedded = False
         try:
-            decision = route(to, self._rules, self._variables)
+            embedded = self._start(owner, owned, key, call_id, to, sdp, request_id, variables)
+        finally:
+            if targets is not None and not embedded:
+                targets.release(key)  # refused, or routed elsewhere
+
+    def _start(
+        self,
+        owner: CallOwner,
+        owned: _OwnerCalls[W],
+        key: int,
+        call_id: str,
+        to: str,
+        sdp: str,
+        request_id: str | None,
+        variables: Mapping[str, str],
+    ) -> bool:
+        """Route and hand the call to a worker; ``True`` if its URI is an embedded target."""
+        try:
+            decision = route(to, self._rules, variables)
         except InvalidNumber as exc:
             raise Refused(Refusal.BAD_NUMBER, f"call: 'to' {exc}") from None
         if decision.action is Action.REJECT or decision.uri is None:
@@ -230,12 +270,12 @@ class CallManager(Generic[W]):
             raise Refused(
                 refusal, f"{to!r} may not be dialled: {decision.reason} (SIP {decision.code})"
             )
-        key = next(self._keys)
         worker = self._pool.acquire(key)
         if not self._pool.send(worker, StartCall(key, sdp, decision.uri)):
             self._pool.release(worker, key)
             raise Refused(Refusal.WORKER_UNREACHABLE, "the gateway worker is restarting")
-        call = FrontCall(key, call_id, to, decision.uri, owner, worker, request_id)
+        embedded = "embedded" in variables and f"@{variables['embedded']}" in decision.uri
+        call = FrontCall(key, call_id, to, decision.uri, owner, worker, request_id, embedded)
         self._calls[key] = call
         owned.live[call_id] = call
         owned.used.add(call_id)
@@ -244,6 +284,7 @@ class CallManager(Generic[W]):
         self._metrics.calls_active.set(len(self._calls))
         self._metrics.calls_active_by_worker.labels(str(worker.index)).inc()
         logger.info("call %s (%s) to %s on worker %s", key, call_id, decision.uri, worker.index)
+        return embedded
 
     def hangup(self, owner: CallOwner, call_id: str, request_id: str | None) -> None:
         """Hang up a live call of ``owner`` (CANCEL or BYE).
@@ -269,6 +310,14 @@ class CallManager(Generic[W]):
             if call.state is not CallState.ENDING:
                 call.state = CallState.ENDING
                 self._pool.send(call.worker, EndCall(call.key))
+
+    def end_calls(self, keys: set[int], result: Ending) -> None:
+        """End the calls ``keys`` (their SIP target died) with ``result``, telling their owners."""
+        for key in keys:
+            call = self._calls.get(key)
+            if call is not None and call.state is not CallState.ENDING:
+                call.state = CallState.ENDING
+                self._pool.send(call.worker, EndCall(call.key, result))
 
     def end_all(self, result: Ending) -> None:
         """Shutdown: refuse new calls and end every call with ``result``, telling its owner."""
@@ -374,6 +423,8 @@ class CallManager(Generic[W]):
 
     def _forget(self, call: FrontCall[W]) -> None:
         self._calls.pop(call.key, None)
+        if call.embedded and self._embedded is not None:
+            self._embedded.release(call.key)
         owned = self._owners.get(call.owner)
         if owned is not None and owned.live.get(call.call_id) is call:
             del owned.live[call.call_id]

@@ -4,7 +4,10 @@ Each worker is a ``spawn``-started process, named by module path so that the
 front never imports its code, joined to the front by a :class:`~gateway.ipc.Channel`
 read by one task on the event loop. End of file on the channel means the worker
 died, which the owner hears about through ``on_lost`` (its calls end) before the
-worker is started again.
+worker is started again. The embedded targets processes are supervised by the
+same pool class, started from another entry point and restarted on the SIP port
+they first bound (``pin_ports``), so that the address the dialplan gave out stays
+valid.
 """
 
 from __future__ import annotations
@@ -14,10 +17,10 @@ import ipaddress
 import logging
 import multiprocessing
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
-from typing import Any
+from typing import Any, Generic, Protocol, Self, TypeVar
 
 from gateway.config import Config
 from gateway.ipc import (
@@ -25,6 +28,7 @@ from gateway.ipc import (
     Entry,
     FromWorker,
     Shutdown,
+    ToTargets,
     ToWorker,
     WorkerFailed,
     WorkerParams,
@@ -117,21 +121,51 @@ async def spawn(entry: Entry, params: Any, name: str) -> tuple[BaseProcess, Chan
     return process, await Channel.open(ours)
 
 
-class WorkerPool:
-    """Starts one worker per parameter set and keeps them running."""
+class ChildParams(Protocol):
+    """What the pool needs to know of a child's start parameters."""
+
+    @property
+    def index(self) -> int: ...
+
+    @property
+    def sip_port(self) -> int: ...
+
+    @property
+    def max_calls(self) -> int: ...
+
+    def with_sip_port(self, port: int) -> Self: ...
+
+
+P = TypeVar("P", bound=ChildParams)
+
+
+class WorkerPool(Generic[P]):
+    """Starts one child process per parameter set and keeps them running.
+
+    ``entry`` is what the children run (the gateway worker by default) and
+    ``kind`` names them in logs and process names. With ``pin_ports`` a child
+    configured for any free SIP port (0) is restarted on the port it bound first.
+    """
 
     def __init__(
         self,
-        params: list[WorkerParams],
+        params: Sequence[P],
         on_message: Callable[[WorkerHandle, FromWorker], None],
         on_lost: Callable[[WorkerHandle], None],
         restart_delay: float = 1.0,
         max_setups_per_second: int = 20,
+        *,
+        entry: Entry = WORKER_ENTRY,
+        kind: str = "worker",
+        pin_ports: bool = False,
     ) -> None:
-        self._params = params
+        self._params = list(params)
         self._on_message = on_message
         self._on_lost = on_lost
         self._restart_delay = restart_delay
+        self._entry = entry
+        self.kind = kind
+        self._pin_ports = pin_ports
         self.workers = [
             WorkerHandle(p.index, p.max_calls, setups=SlidingWindow(max_setups_per_second, 1.0))
             for p in params
@@ -157,7 +191,7 @@ class WorkerPool:
         ready = asyncio.get_running_loop().create_future()
         self._ready[worker.index] = ready
         process, channel = await spawn(
-            WORKER_ENTRY, self._params[worker.index], f"sipgw-worker-{worker.index}"
+            self._entry, self._params[worker.index], f"sipgw-{self.kind}-{worker.index}"
         )
         worker.process, worker.channel, worker.ready = process, channel, False
         worker.slots.clear()
@@ -171,6 +205,9 @@ class WorkerPool:
             if isinstance(message, WorkerReady):
                 worker.sip_port = message.sip_port
                 worker.ready = True
+                params = self._params[worker.index]
+                if self._pin_ports and params.sip_port == 0:
+                    self._params[worker.index] = params.with_sip_port(message.sip_port)
                 self._settle(worker, None)
             elif isinstance(message, WorkerFailed):
                 self._settle(worker, StartupError(message.message))
@@ -194,7 +231,8 @@ class WorkerPool:
         was_ready, worker.ready = worker.ready, False
         code = worker.process.exitcode if worker.process is not None else None
         self._settle(
-            worker, StartupError(f"worker {worker.index} exited during start-up (exit code {code})")
+            worker,
+            StartupError(f"{self.kind} {worker.index} exited during start-up (exit code {code})"),
         )
         if self._closing or not was_ready:
             return
@@ -209,16 +247,16 @@ class WorkerPool:
         if dead is not None:  # reap it off the event loop, for its exit code
             await asyncio.to_thread(dead.join, 5.0)
             code = dead.exitcode
-        logger.error("worker %s died (exit code %s); restarting", worker.index, code)
+        logger.error("%s %s died (exit code %s); restarting", self.kind, worker.index, code)
         delay = self._restart_delay
         while not self._closing:
             await asyncio.sleep(delay)  # back off, so a crash loop does not spin
             try:
                 await self._start_worker(worker)
-                logger.info("worker %s restarted", worker.index)
+                logger.info("%s %s restarted (pid %s)", self.kind, worker.index, worker.pid)
                 return
             except Exception as exc:
-                logger.error("worker %s failed to restart: %s", worker.index, exc)
+                logger.error("%s %s failed to restart: %s", self.kind, worker.index, exc)
                 delay = min(delay * 2, 30.0)
 
     # --- what the call manager uses ------------------------------------------------------
@@ -247,7 +285,11 @@ class WorkerPool:
     def release(self, worker: WorkerHandle, key: int) -> None:
         worker.slots.discard(key)
 
-    def send(self, worker: WorkerHandle, message: ToWorker) -> bool:
+    @property
+    def all_ready(self) -> bool:
+        return all(w.ready for w in self.workers)
+
+    def send(self, worker: WorkerHandle, message: ToWorker | ToTargets) -> bool:
         """Send a command; ``False`` when the worker is gone (its loss is reported apart)."""
         if worker.channel is None or not worker.ready:
             return False
@@ -274,7 +316,7 @@ class WorkerPool:
             if process.is_alive():
                 await asyncio.to_thread(process.join, 1.0)
             if process.is_alive():
-                logger.warning("worker %s did not exit; killing it", worker.index)
+                logger.warning("%s %s did not exit; killing it", self.kind, worker.index)
                 process.kill()
                 await asyncio.to_thread(process.join, 2.0)
         if worker.channel is not None:

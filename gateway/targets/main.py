@@ -18,7 +18,12 @@ from typing import Any
 
 import pjsua2 as pj
 
-from gateway.ipc import TargetsParams, WorkerFailed, WorkerReady, send_blocking
+from gateway.ipc import (
+    TargetsParams,
+    WorkerFailed,
+    WorkerReady,
+    send_blocking,
+)
 from gateway.worker.media.frames import SAMPLE_RATE
 from gateway.worker.sip.engine import POLL_MS, SipStartError, create_endpoint, set_codecs
 
@@ -29,16 +34,20 @@ _USER = re.compile(r"sips?:([^@;>]+)@")
 
 
 class _TargetCall(pj.Call):  # type: ignore[misc]
-    def __init__(self, account: Any, call_id: int, target: str, tone_hz: int) -> None:
+    def __init__(self, account: _TargetAccount, call_id: int, target: str, tone_hz: int) -> None:
         super().__init__(account, call_id)
+        self.account = account
         self.target = target
         self.tone_hz = tone_hz
         self.tone: Any = None
-        self.done = False
 
     def onCallState(self, prm: Any) -> None:
         if self.getInfo().state == pj.PJSIP_INV_STATE_DISCONNECTED:
-            self.done = True
+            # Drop the last reference here: the Call is deleted as this callback
+            # returns, while pjsua still holds its call id for it. Kept any longer,
+            # the id can go to a new call, and deleting this object then hangs
+            # that new call up (pjsua2's ~Call acts on whatever call has its id).
+            self.account.finished(self)
 
     def onCallMediaState(self, prm: Any) -> None:
         info = self.getInfo()  # keep it alive: .media of a temporary dangles (SWIG)
@@ -63,15 +72,27 @@ class _TargetCall(pj.Call):  # type: ignore[misc]
                 self.tone.startTransmit(audio)
 
 
+#: Loop turns an ended call's tone generator is kept, so the conference bridge
+#: (asynchronous since pjproject 2.14) has applied the disconnect of the call's
+#: port and no clock tick can still reach the deleted generator.
+_GRACE_TURNS = 5
+
+
 class _TargetAccount(pj.Account):  # type: ignore[misc]
     def __init__(self, tone_hz: int) -> None:
         super().__init__()
         self.tone_hz = tone_hz
+        #: Calls not yet DISCONNECTED: the only reference keeping each Call alive.
         self.calls: list[_TargetCall] = []
+        #: Tone generators of ended calls, with the loop turn they may be deleted at.
+        self.retired: list[tuple[int, Any]] = []
+        self.turn = 0
 
     def onIncomingCall(self, prm: Any) -> None:
-        # One Call object per call id: deleting a pjsua2 Call hangs the call up.
         call = _TargetCall(self, prm.callId, "", self.tone_hz)
+        # Listed before answering: a 404 may reach DISCONNECTED inside answer(),
+        # and is then deleted as this callback returns, its call id still unused.
+        self.calls.append(call)
         match = _USER.search(call.getInfo().localUri)
         target = call.target = match.group(1) if match else ""
         op = pj.CallOpParam()
@@ -79,14 +100,25 @@ class _TargetAccount(pj.Account):  # type: ignore[misc]
             op.statusCode = 404
             op.reason = "No such embedded target"
             call.answer(op)
-            call.done = True
         else:
             op.statusCode = 180
             call.answer(op)
             op = pj.CallOpParam()
             op.statusCode = 200
             call.answer(op)
-        self.calls.append(call)
+
+    def finished(self, call: _TargetCall) -> None:
+        """``call`` is DISCONNECTED: let it go, keeping its tone generator a few turns."""
+        if call in self.calls:
+            self.calls.remove(call)
+        if call.tone is not None:
+            self.retired.append((self.turn + _GRACE_TURNS, call.tone))
+            call.tone = None
+
+    def reap(self) -> None:
+        """Delete the tone generators whose grace turns are over."""
+        while self.retired and self.retired[0][0] <= self.turn:
+            self.retired.pop(0)
 
 
 def run(sock: socket.socket, params: TargetsParams) -> None:
@@ -97,9 +129,16 @@ def run(sock: socket.socket, params: TargetsParams) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     embedded = params.embedded
     where = f"embedded.bind = {embedded.bind!r}, embedded.port = {embedded.port}"
+    if params.index:
+        where += f" (+ {params.index} for targets process {params.index})"
     try:
         endpoint, transport_id, bound = create_endpoint(
-            embedded.bind, embedded.port, params.sip_log_level, 4, "sipgw-embedded", where
+            embedded.bind,
+            params.sip_port,
+            params.sip_log_level,
+            params.max_calls,
+            "sipgw-embedded",
+            where,
         )
     except SipStartError as exc:
         send_blocking(sock, WorkerFailed(str(exc)))
@@ -109,12 +148,18 @@ def run(sock: socket.socket, params: TargetsParams) -> None:
     config = pj.AccountConfig()
     config.idUri = f"sip:targets@{embedded.bind}:{bound}"
     config.sipConfig.transportId = transport_id
-    config.mediaConfig.transportConfig.port = embedded.rtp_port
+    config.mediaConfig.transportConfig.port = params.rtp_port
     config.mediaConfig.transportConfig.portRange = 100
     config.mediaConfig.transportConfig.boundAddress = embedded.bind
     account.create(config, True)
     send_blocking(sock, WorkerReady(bound))
-    logger.info("embedded targets %s on sip:%s:%s", ", ".join(TARGETS), embedded.bind, bound)
+    logger.info(
+        "embedded targets %s on sip:%s:%s (process %s)",
+        ", ".join(TARGETS),
+        embedded.bind,
+        bound,
+        params.index,
+    )
     try:
         _serve(endpoint, account, sock)
     except OSError:
@@ -130,32 +175,18 @@ def run(sock: socket.socket, params: TargetsParams) -> None:
         endpoint.libDestroy()
 
 
-#: Loop turns a finished call's objects are kept before they are deleted, so the
-#: conference bridge (asynchronous since pjproject 2.14) has applied its
-#: disconnects and no clock tick can still reach a freed tone generator.
-_GRACE_TURNS = 5
-
-
 def _serve(endpoint: Any, account: _TargetAccount, sock: socket.socket) -> None:
-    """Run until the front writes to ``sock`` (stop) or closes it."""
-    finished: list[tuple[int, _TargetCall]] = []
-    turn = 0
-    while not select.select([sock], [], [], 0)[0]:
+    """Run until the front says ``Shutdown`` or closes ``sock``."""
+    while True:
         endpoint.libHandleEvents(POLL_MS)
-        turn += 1
-        for done in [c for c in account.calls if c.done]:
-            # pjsua already dropped the call's conference port and with it the
-            # tone's connection; keep the objects a few turns, then delete.
-            account.calls.remove(done)
-            finished.append((turn, done))
-        while finished and turn - finished[0][0] >= _GRACE_TURNS:
-            finished.pop(0)  # the Call and its tone generator are deleted here
-    for _, done in finished:
-        account.calls.append(done)  # deleted with the rest, before libDestroy
+        account.turn += 1
+        account.reap()
+        if select.select([sock], [], [], 0)[0]:
+            return  # Shutdown, or the front is gone
 
 
 def _hang_up_all(account: _TargetAccount) -> None:
-    for call in account.calls:
+    for call in list(account.calls):
         try:
             call.hangup(pj.CallOpParam(True))
         except pj.Error:
@@ -165,3 +196,4 @@ def _hang_up_all(account: _TargetAccount) -> None:
 def _drop_all(account: _TargetAccount) -> None:
     """Delete every Call and tone generator while the library is alive."""
     account.calls.clear()
+    account.retired.clear()

@@ -7,8 +7,10 @@ import os
 import re
 import signal
 import time
+from collections.abc import Iterator
 
 import pytest
+from peers.gateway import Gateway, start_gateway, stop_gateway
 from peers.sipp import SippPhone
 from peers.webclient import WebClient
 
@@ -31,6 +33,17 @@ async def back_to_full_strength(gateway) -> None:
     while gateway.health()["workers_ready"] != 2:
         assert time.monotonic() < deadline, gateway.health()
         await asyncio.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """A gateway of its own: the session's counts its workers' deaths."""
+    gw = start_gateway(tmp_path_factory.mktemp("orphans"))
+    try:
+        gw.wait_ready()
+        yield gw
+    finally:
+        stop_gateway(gw)
 
 
 @pytest.mark.parametrize("kill", ["answered", "ringing"])

@@ -21,6 +21,8 @@ TEST_CONFIG = """
 host = "127.0.0.1"
 port = {http_port}
 max_message_bytes = 65536
+# The tests place calls faster than a person would.
+max_call_rate = 50
 
 [workers]
 count = {workers}

@@ -44,6 +44,10 @@ def test_values_are_typed():
         ({"webrtc": {"ice_servers": [{}]}}, "missing key 'urls'"),
         ({"embedded": {"enabled": "yes"}}, "embedded.enabled: expected true or false"),
         ({"embedded": {"enabled": False}}, "embedded.enabled is false"),
+        ({"embedded": {"port": 65535}}, "targets process 1 would need port 65536"),
+        ({"embedded": {"rtp_port": 65400}}, "2 targets processes need 100 RTP ports"),
+        ({"embedded": {"rtp_port": 20150}}, "overlap the workers'"),
+        ({"workers": {"count": 12}}, "embedded.rtp_port = 19000: its 12 blocks"),
         ({"dialplan": {"rules": [{"name": "a", "exact": "1"}]}}, "dialplan"),
         ({"dialplan": {"rulez": []}}, "unknown key 'rulez'"),
         ({"x": {}}, "unknown section [x]"),
@@ -54,6 +58,16 @@ def test_bad_values_name_the_key(data, words):
     with pytest.raises(ConfigError) as info:
         config_from_dict(data)
     assert words in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("count", "calls", "processes"),
+    [(1, 1, 1), (1, 4, 1), (2, 4, 2), (3, 3, 3), (5, 3, 4)],
+    ids=lambda v: str(v),
+)
+def test_enough_embedded_targets_for_every_worker_call(count, calls, processes):
+    config = config_from_dict({"workers": {"count": count, "calls_per_worker": calls}})
+    assert config.embedded_processes == processes
 
 
 def test_config_is_frozen():
