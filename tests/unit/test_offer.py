@@ -45,6 +45,9 @@ CASES = [
     ("no-ice-ufrag", _without("a=ice-ufrag"), "ICE username fragment"),
     ("no-rtcp-mux", _without("a=rtcp-mux"), "rtcp-mux"),
     ("no-fingerprint", _without("a=fingerprint"), "DTLS fingerprint"),
+    ("no-direction", _without("a=sendrecv"), "no direction"),
+    ("candidate-port", _replace(r"^(a=candidate:\S+ \d+ udp \d+ \S+) \d+", r"\1 70000"), "1-65535"),
+    ("same-mid-twice", lambda sdp: sdp + sdp[sdp.index("m=audio") :], "same a=mid"),
     ("only-g722", _replace(r"^a=rtpmap:(96|0|8) .*\r\n", ""), "none of the audio codecs"),
 ]
 

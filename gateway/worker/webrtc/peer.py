@@ -20,7 +20,7 @@ from aiortc import (
 )
 from aiortc.exceptions import OperationError
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
-from aiortc.sdp import SessionDescription
+from aiortc.sdp import MediaDescription, SessionDescription
 
 from gateway.config import IceServer
 
@@ -51,17 +51,33 @@ def check_offer(sdp: str) -> None:
     audio = [m for m in description.media if m.kind == "audio" and m.port != 0]
     if not audio:
         raise BadOffer("offer has no audio section")
+    mids = [m.rtp.muxId for m in description.media if m.rtp.muxId]
+    if len(set(mids)) != len(mids):
+        raise BadOffer("offer has two media sections with the same a=mid")
     for index, media in enumerate(description.media, 1):
-        if media.ice is None or not media.ice.usernameFragment or not media.ice.password:
-            raise BadOffer(f"offer media section {index} has no ICE username fragment or password")
-        if media.kind in ("audio", "video") and not media.rtcp_mux:
-            raise BadOffer(f"offer media section {index} does not use rtcp-mux")
+        _check_section(index, media)
     if not audio[0].dtls or not audio[0].dtls.fingerprints:
         raise BadOffer("offer audio section has no DTLS fingerprint")
     if not any(
         c.mimeType.lower() in {p.lower() for p in PREFERRED_CODECS} for c in audio[0].rtp.codecs
     ):
         raise BadOffer("offer has none of the audio codecs opus, PCMU, PCMA")
+
+
+def _check_section(index: int, media: MediaDescription) -> None:
+    """What aiortc assumes of every media section but does not check itself."""
+    if media.ice is None or not media.ice.usernameFragment or not media.ice.password:
+        raise BadOffer(f"offer media section {index} has no ICE username fragment or password")
+    if media.kind in ("audio", "video") and not media.rtcp_mux:
+        raise BadOffer(f"offer media section {index} does not use rtcp-mux")
+    if any(not 0 < c.port < 65536 for c in media.ice_candidates):
+        # aioice would send to it, and the datagram transport dies with OverflowError.
+        raise BadOffer(f"offer media section {index} has an ICE candidate port outside 1-65535")
+    if media.kind in ("audio", "video") and media.direction is None:
+        # aiortc's createAnswer fails on it (it does not apply SDP's sendrecv default).
+        raise BadOffer(
+            f"offer media section {index} has no direction (a=sendrecv, a=sendonly, ...)"
+        )
 
 
 class WebRtcLeg:
