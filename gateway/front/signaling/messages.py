@@ -259,7 +259,7 @@ def _check_values(data: object) -> None:
                 stack.extend((item, depth + 1) for item in value)
         elif isinstance(value, str) and _SURROGATE.search(value):
             raise ProtocolError(
-                "bad_request", "message has a string with an unpaired surrogate (\\uD800-\\uDFFF)"
+                "bad_request", "message has a string with an unpaired surrogate (U+D800 to U+DFFF)"
             )
 
 
@@ -267,7 +267,9 @@ def _shown(value: str) -> str:
     """``value`` quoted if it is a plain name, else a description (never echo raw input)."""
     if _ID.fullmatch(value):
         return f"'{value}'"
-    return f"(not shown: {len(value)} characters, not all of A-Z a-z 0-9 _ . : @ -)"
+    if not value:
+        return "(empty)"
+    return f"(not shown: {len(value)} character(s), not all of A-Z a-z 0-9 _ . : @ -)"
 
 
 def _optional_id(data: dict[str, Any]) -> str | None:
