@@ -38,7 +38,11 @@ def validate_number(number: str) -> None:
         raise InvalidNumber(f"number is longer than {MAX_NUMBER_LENGTH} characters")
     for char in number:
         if NUMBER_CHARACTER.fullmatch(char) is None:
-            raise InvalidNumber(f"number contains a character that is not allowed: {char!r}")
+            # Named by code point: the number came from a stranger and this text goes back
+            # to the browser, so it must not echo control characters, quotes or markup.
+            raise InvalidNumber(
+                f"number contains a character that is not allowed: U+{ord(char):04X}"
+            )
 
 
 def unsafe_uri_character(text: str) -> str | None:

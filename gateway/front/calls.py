@@ -35,12 +35,17 @@ from gateway.ipc import (
     StartCall,
     ToWorker,
 )
-from gateway.limits import SlidingWindow
+from gateway.limits import RateLimit, SlidingWindow, suppressed_note
 from gateway.outcomes import End, Ending, Refusal, Refused, ending
 
 from .metrics import Metrics
 
 logger = logging.getLogger(__name__)
+
+#: Refused calls logged per connection per minute (``sipgw_calls_refused_total`` counts all).
+REFUSALS_LOGGED_PER_MINUTE = 10
+#: A refused number is logged up to this many characters (it may be a 60 kB string).
+LOGGED_NUMBER_LENGTH = 80
 
 
 class WorkerRef(Protocol):
@@ -134,6 +139,10 @@ class _OwnerCalls(Generic[W]):
     live: dict[str, FrontCall[W]] = field(default_factory=dict)
     #: Call ids handed to a worker on this connection: never reused.
     used: set[str] = field(default_factory=set)
+    #: A connection can send refused calls as fast as it likes; its log lines are limited.
+    refusal_log: RateLimit = field(
+        default_factory=lambda: RateLimit(REFUSALS_LOGGED_PER_MINUTE, 60.0)
+    )
 
 
 class CallManager(Generic[W]):
@@ -202,10 +211,11 @@ class CallManager(Generic[W]):
             self._place(owner, call_id, to, sdp, request_id)
         except Refused as refused:
             self._metrics.call_refused(refused.refusal)
-            logger.info(
+            self._log_refusal(
+                owner,
                 "call %s to %r refused: %s (%s)",
                 call_id,
-                to,
+                to[:LOGGED_NUMBER_LENGTH],
                 refused.refusal.error,
                 refused.refusal.label,
             )
@@ -371,7 +381,8 @@ class CallManager(Generic[W]):
         listening = self._listening(call)
         self._forget(call)
         self._metrics.call_refused(message.refusal)
-        logger.info(
+        self._log_refusal(
+            call.owner,
             "call %s (%s) refused by worker: %s (%s)",
             call.key,
             call.call_id,
@@ -420,6 +431,12 @@ class CallManager(Generic[W]):
         if listening:
             request_id = call.hangup_request_id if result.by == "local" else None
             call.owner.call_ended(call.call_id, result, request_id)
+
+    def _log_refusal(self, owner: CallOwner, fmt: str, *args: object) -> None:
+        owned = self._owners.get(owner)
+        suppressed = owned.refusal_log.take() if owned is not None else 0
+        if suppressed is not None:
+            logger.info(fmt + suppressed_note(suppressed), *args)
 
     def _forget(self, call: FrontCall[W]) -> None:
         self._calls.pop(call.key, None)

@@ -45,7 +45,7 @@ def test_parse_ping_without_id():
         ),
         ('{"type": "hangup"}', "missing field 'call'", None),
         ('{"type": "hangup", "call": "' + "x" * 65 + '"}', "'call'", None),
-        ("[" * 100000, "not valid JSON", None),
+        ("[" * 100000, "nested more than 32 levels", None),
     ],
     ids=[
         "truncated",
@@ -66,6 +66,60 @@ def test_parse_errors(raw, words, request_id):
     assert info.value.code == "bad_request"
     assert words in info.value.message
     assert info.value.id == request_id
+
+
+# (id, raw frame, words the message must contain): JSON that json.loads would take.
+STRICT_JSON_CASES = [
+    ("duplicate-type", '{"type": "ping", "type": "call"}', "duplicate key 'type'"),
+    ("duplicate-id", '{"type": "ping", "id": "a", "id": "b"}', "duplicate key 'id'"),
+    ("duplicate-nested", '{"type": "ping", "x": [{"k": 1, "k": 2}]}', "duplicate key 'k'"),
+    ("duplicate-odd-key", '{"type": "ping", "<\\u0000>": 1, "<\\u0000>": 2}', "not shown"),
+    ("nan", '{"type": "ping", "x": NaN}', "NaN is not a number"),
+    ("infinity", '{"type": "ping", "x": Infinity}', "Infinity is not a number"),
+    ("minus-infinity", '{"type": "ping", "x": -Infinity}', "-Infinity is not a number"),
+    ("float-overflow", '{"type": "ping", "x": 1e999999}', "too large"),
+    ("float-overflow-negative", '{"type": "ping", "x": -1.5e400}', "too large"),
+    ("long-int", '{"type": "ping", "x": ' + "1" * 21 + "}", "more than 20 digits"),
+    ("long-negative-int", '{"type": "ping", "x": -' + "9" * 21 + "}", "more than 20 digits"),
+    ("5000-digit-int", '{"type": "ping", "x": ' + "7" * 5000 + "}", "more than 20 digits"),
+    ("long-int-in-array", '{"type": "ping", "x": [1, ' + "2" * 30 + "]}", "more than 20 digits"),
+    ("lone-high-surrogate", '{"type": "ping", "x": "\\ud800"}', "unpaired surrogate"),
+    ("lone-low-surrogate-key", '{"type": "ping", "\\udc00": 1}', "unpaired surrogate"),
+    ("surrogate-in-array", '{"type": "ping", "x": ["\\udfff"]}', "unpaired surrogate"),
+    ("surrogate-in-sdp", '{"type": "call", "call": "c", "to": "1", "sdp": "\\ud83d"}', "surrogate"),
+    ("nested-33", '{"type": "ping", "x": ' + "[" * 32 + "]" * 32 + "}", "nested more than 32"),
+    ("nested-objects", '{"type": "ping", "x": ' + '{"a":' * 40 + "1" + "}" * 40 + "}", "nested"),
+    ("nested-100000", '{"type": "ping", "x": ' + "[" * 100000 + "]" * 100000 + "}", "nested"),
+    ("unknown-type-shown-safely", '{"type": "<script>"}', "unknown message type (not shown"),
+]
+
+
+@pytest.mark.parametrize(
+    ("raw", "words"),
+    [case[1:] for case in STRICT_JSON_CASES],
+    ids=[case[0] for case in STRICT_JSON_CASES],
+)
+def test_strict_json(raw, words):
+    with pytest.raises(ProtocolError) as info:
+        parse(raw)
+    assert info.value.code == "bad_request"
+    assert words in info.value.message
+    assert "<" not in info.value.message
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"type": "ping", "x": 1.5e308}',
+        '{"type": "ping", "x": -' + "9" * 20 + "}",
+        '{"type": "ping", "x": "\\ud83d\\ude00"}',
+        '{"type": "ping", "x": ' + "[" * 31 + "]" * 31 + "}",
+        '{"type": "ping", "a": {"k": 1}, "b": {"k": 1}}',
+    ],
+    ids=["large-finite-float", "20-digit-int", "surrogate-pair", "nested-32", "same-key-apart"],
+)
+def test_strict_json_still_accepts(raw):
+    assert parse(raw) == Ping()
 
 
 def test_encode_leaves_out_none():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,11 @@ ERROR_CODES = (
 
 _ID = re.compile(r"[A-Za-z0-9_.:@-]{1,64}")
 MAX_SDP_BYTES = 32 * 1024
+#: Integers with more digits than this are refused (a 64-bit value has at most 20).
+MAX_INT_DIGITS = 20
+#: Objects and arrays nested deeper than this are refused (requests are flat).
+MAX_DEPTH = 32
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class ProtocolError(Exception):
@@ -167,12 +173,29 @@ def encode(message: Event) -> str:
 
 
 def parse(text: str) -> Request:
-    """Parse one client text frame, raising :class:`ProtocolError` on any problem."""
+    """Parse one client text frame, raising :class:`ProtocolError` on any problem.
+
+    The JSON must be strict: no key twice in an object, no ``NaN`` or
+    ``Infinity``, no number that overflows a float, no integer of more than
+    :data:`MAX_INT_DIGITS` digits, no unpaired UTF-16 surrogate escape in a
+    string, and no nesting deeper than :data:`MAX_DEPTH`.
+    """
     try:
-        data = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        msg = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
-        raise ProtocolError("bad_request", f"message is not valid JSON: {msg}") from None
+        data = json.loads(
+            text,
+            object_pairs_hook=_strict_object,
+            parse_constant=_refuse_constant,
+            parse_int=_strict_int,
+            parse_float=_strict_float,
+        )
+    except json.JSONDecodeError as exc:
+        raise ProtocolError(
+            "bad_request",
+            f"message is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})",
+        ) from None
+    except RecursionError:
+        raise ProtocolError("bad_request", _TOO_DEEP) from None
+    _check_values(data)
     if not isinstance(data, dict):
         raise ProtocolError("bad_request", "message must be a JSON object")
     request_id = _optional_id(data)
@@ -181,8 +204,72 @@ def parse(text: str) -> Request:
         raise ProtocolError("bad_request", "message has no string field 'type'", id=request_id)
     parser = _PARSERS.get(kind)
     if parser is None:
-        raise ProtocolError("bad_request", f"unknown message type {kind!r}", id=request_id)
+        raise ProtocolError("bad_request", f"unknown message type {_shown(kind)}", id=request_id)
     return parser(data, request_id)
+
+
+# json.loads hooks: the standard parser, with the laxities JSON allows refused.
+
+_TOO_DEEP = f"message is nested more than {MAX_DEPTH} levels deep"
+
+
+def _strict_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ProtocolError("bad_request", f"message has a duplicate key {_shown(key)}")
+            seen.add(key)
+    return data
+
+
+def _refuse_constant(name: str) -> Any:
+    # Only NaN, Infinity and -Infinity reach this hook.
+    raise ProtocolError("bad_request", f"message is not valid JSON: {name} is not a number")
+
+
+def _strict_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_INT_DIGITS:
+        raise ProtocolError(
+            "bad_request", f"message has an integer of more than {MAX_INT_DIGITS} digits"
+        )
+    return int(digits)
+
+
+def _strict_float(literal: str) -> float:
+    value = float(literal)
+    if not math.isfinite(value):
+        raise ProtocolError("bad_request", "message has a number too large to represent")
+    return value
+
+
+def _check_values(data: object) -> None:
+    """Refuse unpaired surrogates in any string or key, and nesting deeper than MAX_DEPTH."""
+    stack: list[tuple[object, int]] = [(data, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            if depth >= MAX_DEPTH:
+                raise ProtocolError("bad_request", _TOO_DEEP)
+            if isinstance(value, dict):
+                stack.extend((key, depth) for key in value)
+                stack.extend((item, depth + 1) for item in value.values())
+            else:
+                stack.extend((item, depth + 1) for item in value)
+        elif isinstance(value, str) and _SURROGATE.search(value):
+            raise ProtocolError(
+                "bad_request", "message has a string with an unpaired surrogate (U+D800 to U+DFFF)"
+            )
+
+
+def _shown(value: str) -> str:
+    """``value`` quoted if it is a plain name, else a description (never echo raw input)."""
+    if _ID.fullmatch(value):
+        return f"'{value}'"
+    if not value:
+        return "(empty)"
+    return f"(not shown: {len(value)} character(s), not all of A-Z a-z 0-9 _ . : @ -)"
 
 
 def _optional_id(data: dict[str, Any]) -> str | None:

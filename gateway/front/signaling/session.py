@@ -24,6 +24,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from gateway.config import IceServer
 from gateway.front.calls import AlreadyEnding, CallManager, UnknownCall
 from gateway.front.metrics import Metrics
+from gateway.limits import RateLimit, suppressed_note
 from gateway.outcomes import Ending, Refusal, Refused
 
 from .messages import (
@@ -59,6 +60,8 @@ LOW_WATER = SEND_QUEUE // 8
 STALL_SECONDS = 10.0
 #: A frame this many times over the limit closes the socket instead (aiohttp's guard).
 HARD_LIMIT_FACTOR = 4
+#: Unexpected handler failures logged (with traceback) per session per minute.
+FAILURE_LOGS_PER_MINUTE = 3
 
 
 class Session:
@@ -80,7 +83,10 @@ class Session:
         self._writer: asyncio.Task[None] | None = None
         self._drained = asyncio.Event()
         self._drained.set()
-        self._closers: set[asyncio.Future[bool]] = set()
+        # Set once the browser stopped reading: messages are dropped from then on.
+        self._closer: asyncio.Task[bool] | None = None
+        self._dropped = 0
+        self._failure_log = RateLimit(FAILURE_LOGS_PER_MINUTE, 60.0)
         # One small handler per request type; each takes its own request class.
         self._handlers: dict[type[Request], Callable[[Any], None]] = {
             Hello: self._on_hello,
@@ -91,15 +97,19 @@ class Session:
 
     def send(self, event: Event) -> None:
         """Queue a message for the browser (never blocks)."""
+        if self._closer is not None:
+            self._dropped += 1
+            return
         try:
             self._outbox.put_nowait(encode(event))
         except asyncio.QueueFull:
+            # Once per session: a browser that does not read gets one line, not one per message.
+            self._dropped += 1
             logger.warning("session %s: browser is not reading; closing", self.id)
-            task = asyncio.ensure_future(
-                self._ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"not reading")
+            self._closer = asyncio.create_task(
+                self._ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"not reading"),
+                name=f"ws-close-{self.id}",
             )
-            self._closers.add(task)
-            task.add_done_callback(self._closers.discard)
 
     async def run(self) -> None:
         self._writer = asyncio.create_task(self._write(), name=f"ws-writer-{self.id}")
@@ -122,6 +132,18 @@ class Session:
                 await self._writer
             except asyncio.CancelledError:
                 pass
+            if self._dropped > 1:
+                logger.info(
+                    "session %s: dropped %d messages the browser did not read",
+                    self.id,
+                    self._dropped,
+                )
+            if self._failure_log.suppressed:
+                logger.warning(
+                    "session %s: %d more request failures were not logged",
+                    self.id,
+                    self._failure_log.suppressed,
+                )
 
     async def close(self, code: int, message: bytes, timeout: float) -> None:
         """Send what is queued (up to ``timeout``), then close the socket with ``code``."""
@@ -169,7 +191,11 @@ class Session:
         except ProtocolError as exc:
             self.send(Error.from_exception(exc))
         except Exception:
-            logger.exception("session %s: request failed", self.id)
+            suppressed = self._failure_log.take()
+            if suppressed is not None:
+                logger.exception(
+                    "session %s: request failed%s", self.id, suppressed_note(suppressed)
+                )
             self.send(Error("internal", "the gateway failed to handle this message"))
 
     # --- requests ----------------------------------------------------------------------

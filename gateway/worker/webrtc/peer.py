@@ -18,8 +18,9 @@ from aiortc import (
     RTCRtpSender,
     RTCSessionDescription,
 )
+from aiortc.exceptions import OperationError
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
-from aiortc.sdp import SessionDescription
+from aiortc.sdp import MediaDescription, SessionDescription
 
 from gateway.config import IceServer
 
@@ -30,24 +31,53 @@ PREFERRED_CODECS = ("audio/opus", "audio/PCMU", "audio/PCMA")
 
 
 class BadOffer(ValueError):
-    """The browser's SDP offer cannot be answered (unparsable, or no audio)."""
+    """The browser's SDP offer cannot be answered (unparsable, or no audio).
+
+    Its text goes to the browser as is, so it is always one of the fixed, plain
+    descriptions below and never quotes an exception from the SDP parser.
+    """
 
 
 def check_offer(sdp: str) -> None:
-    """Raise :class:`BadOffer` unless ``sdp`` parses and has an active audio section."""
+    """Raise :class:`BadOffer` unless ``sdp`` parses and has a usable audio section."""
     if "\r\n" not in sdp and "\n" not in sdp:
         raise BadOffer("offer is not an SDP document")
     try:
         description = SessionDescription.parse(sdp)
-    except Exception as exc:  # aiortc raises ValueError/IndexError/KeyError on junk
-        raise BadOffer(f"offer SDP could not be parsed: {exc!r}") from None
+    except Exception:  # aiortc raises ValueError/IndexError/KeyError/... on junk
+        raise BadOffer(
+            "offer SDP could not be parsed: a line is malformed or has a value out of range"
+        ) from None
     audio = [m for m in description.media if m.kind == "audio" and m.port != 0]
     if not audio:
         raise BadOffer("offer has no audio section")
+    mids = [m.rtp.muxId for m in description.media if m.rtp.muxId]
+    if len(set(mids)) != len(mids):
+        raise BadOffer("offer has two media sections with the same a=mid")
+    for index, media in enumerate(description.media, 1):
+        _check_section(index, media)
+    if not audio[0].dtls or not audio[0].dtls.fingerprints:
+        raise BadOffer("offer audio section has no DTLS fingerprint")
     if not any(
         c.mimeType.lower() in {p.lower() for p in PREFERRED_CODECS} for c in audio[0].rtp.codecs
     ):
         raise BadOffer("offer has none of the audio codecs opus, PCMU, PCMA")
+
+
+def _check_section(index: int, media: MediaDescription) -> None:
+    """What aiortc assumes of every media section but does not check itself."""
+    if media.ice is None or not media.ice.usernameFragment or not media.ice.password:
+        raise BadOffer(f"offer media section {index} has no ICE username fragment or password")
+    if media.kind in ("audio", "video") and not media.rtcp_mux:
+        raise BadOffer(f"offer media section {index} does not use rtcp-mux")
+    if any(not 0 < c.port < 65536 for c in media.ice_candidates):
+        # aioice would send to it, and the datagram transport dies with OverflowError.
+        raise BadOffer(f"offer media section {index} has an ICE candidate port outside 1-65535")
+    if media.kind in ("audio", "video") and media.direction is None:
+        # aiortc's createAnswer fails on it (it does not apply SDP's sendrecv default).
+        raise BadOffer(
+            f"offer media section {index} has no direction (a=sendrecv, a=sendonly, ...)"
+        )
 
 
 class WebRtcLeg:
@@ -91,8 +121,13 @@ class WebRtcLeg:
             offer_sdp = loopback_candidates_only(offer_sdp)
         try:
             await self.pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
+        except OperationError:  # a media section with no codec aiortc supports
+            raise BadOffer(
+                "offer rejected: a media section has no codec the gateway supports"
+            ) from None
         except Exception as exc:
-            raise BadOffer(f"offer rejected: {exc}") from None
+            logger.debug("offer rejected by aiortc: %r", exc)
+            raise BadOffer("offer rejected: the WebRTC stack cannot apply this SDP") from None
         audio = None
         for transceiver in self.pc.getTransceivers():
             if transceiver.kind == "audio" and audio is None:
