@@ -24,8 +24,10 @@ from gateway.ipc import (
     WorkerReady,
     send_blocking,
 )
+from gateway.limits import SlidingWindow
 from gateway.worker.media.frames import SAMPLE_RATE
 from gateway.worker.sip.engine import POLL_MS, SipStartError, create_endpoint, set_codecs
+from gateway.worker.sip.guard import DROP, PASS, Answer, Policy, RequestGuard
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +89,9 @@ class _TargetAccount(pj.Account):  # type: ignore[misc]
         #: Tone generators of ended calls, with the loop turn they may be deleted at.
         self.retired: list[tuple[int, Any]] = []
         self.turn = 0
+        #: Calls to an unknown target, refused on the next turn: refusing a
+        #: body-less INVITE inside onIncomingCall aborts the process.
+        self.unknown: list[_TargetCall] = []
 
     def onIncomingCall(self, prm: Any) -> None:
         call = _TargetCall(self, prm.callId, "", self.tone_hz)
@@ -97,9 +102,7 @@ class _TargetAccount(pj.Account):  # type: ignore[misc]
         target = call.target = match.group(1) if match else ""
         op = pj.CallOpParam()
         if target not in TARGETS:
-            op.statusCode = 404
-            op.reason = "No such embedded target"
-            call.answer(op)
+            self.unknown.append(call)
         else:
             op.statusCode = 180
             call.answer(op)
@@ -115,10 +118,43 @@ class _TargetAccount(pj.Account):  # type: ignore[misc]
             self.retired.append((self.turn + _GRACE_TURNS, call.tone))
             call.tone = None
 
+    def refuse_unknown(self) -> None:
+        """Answer 404 to the calls for targets that do not exist (outside the callback)."""
+        for call in self.unknown:
+            op = pj.CallOpParam()
+            op.statusCode = 404
+            op.reason = "No such embedded target"
+            try:
+                call.answer(op)
+            except pj.Error:
+                pass
+        self.unknown.clear()
+
     def reap(self) -> None:
         """Delete the tone generators whose grace turns are over."""
         while self.retired and self.retired[0][0] <= self.turn:
             self.retired.pop(0)
+
+
+#: New INVITEs a targets process admits per second. Each opens two sockets,
+#: whose slots of pjlib's 64-slot pool stay taken 500 ms after the call ends, so
+#: a faster stream of short calls would empty the pool and abort the process.
+ADMIT_PER_SECOND = 15
+
+
+def targets_policy(admit: SlidingWindow) -> Policy:
+    """The targets answer INVITEs at a bounded rate; excess ones get 503 statelessly."""
+
+    def policy(method: str) -> Answer | None:
+        if method == "INVITE":
+            return PASS if admit.add() else Answer(503, "Embedded target busy")
+        if method == "OPTIONS":
+            return PASS
+        if method == "ACK":
+            return DROP
+        return Answer(405, "Method Not Allowed")
+
+    return policy
 
 
 def run(sock: socket.socket, params: TargetsParams) -> None:
@@ -143,6 +179,7 @@ def run(sock: socket.socket, params: TargetsParams) -> None:
     except SipStartError as exc:
         send_blocking(sock, WorkerFailed(str(exc)))
         return
+    guard = RequestGuard(targets_policy(SlidingWindow(ADMIT_PER_SECOND, 1.0)))
     set_codecs(endpoint, ("PCMU", "PCMA", "G722"))
     account = _TargetAccount(embedded.tone_hz)
     config = pj.AccountConfig()
@@ -173,6 +210,7 @@ def run(sock: socket.socket, params: TargetsParams) -> None:
             endpoint.libHandleEvents(POLL_MS)
         account.shutdown()
         endpoint.libDestroy()
+        del guard  # pjsip pointed at it until libDestroy
 
 
 def _serve(endpoint: Any, account: _TargetAccount, sock: socket.socket) -> None:
@@ -180,6 +218,7 @@ def _serve(endpoint: Any, account: _TargetAccount, sock: socket.socket) -> None:
     while True:
         endpoint.libHandleEvents(POLL_MS)
         account.turn += 1
+        account.refuse_unknown()
         account.reap()
         if select.select([sock], [], [], 0)[0]:
             return  # Shutdown, or the front is gone

@@ -116,6 +116,55 @@ async def test_churn_on_one_socket_and_on_many_kills_nothing(gateway):
         await client.hangup("after-churn")
 
 
+async def cycle(url: str, offer: str, prefix: str, seconds: float) -> tuple[int, int]:
+    """Call, hang up on the answer, wait for the end, again, for ``seconds``."""
+    placed = refused = 0
+    deadline = time.monotonic() + seconds
+    async with aiohttp.ClientSession() as session, session.ws_connect(f"{url}/ws") as ws:
+        i = 0
+        while time.monotonic() < deadline:
+            i += 1
+            call = f"{prefix}{i}"
+            await ws.send_json({"type": "call", "call": call, "to": "echo", "sdp": offer})
+            while True:
+                message = await ws.receive_json(timeout=30)
+                if message.get("id") == "h":  # our hangup lost a race with the call's end
+                    assert message["code"] == "not_found", message
+                    continue
+                assert message["type"] != "error" or message["code"] in REFUSED, message
+                if message["type"] == "error":
+                    refused += 1
+                    await asyncio.sleep(0.05)  # as a client backing off would
+                    break
+                if message["type"] == "answer":
+                    placed += 1
+                    await ws.send_json({"type": "hangup", "call": call, "id": "h"})
+                if message["type"] == "hangup":
+                    break
+    return placed, refused
+
+
+async def test_sustained_churn_is_paced_per_worker(gateway):
+    """Eight sockets cycling calls as fast as the gateway answers: slots turn over
+    faster than pjlib frees sockets; set-up pacing keeps every process alive."""
+    await settle(gateway)
+    pids = gateway.health()["worker_pids"]
+    offer = await an_offer()
+    results = await asyncio.gather(*(cycle(gateway.url, offer, f"s{n}-", 4.0) for n in range(8)))
+    placed = sum(p for p, _ in results)
+    refused = sum(r for _, r in results)
+    print(f"sustained churn: {placed} calls placed and hung up in 4 s, {refused} refused busy")
+    assert placed >= 20, results
+    await settle(gateway)
+    assert gateway.health()["worker_pids"] == pids, "a worker died"
+    async with WebClient(gateway.url) as client:
+        call = await client.establish("after-cycle", "echo", tone_hz=750)
+        await client.wait_event(call, "accepted")
+        tone = await call.wait_for_tone(750)
+        assert abs(tone.hz - 750) <= 10 and tone.rms > 0.02, tone
+        await client.hangup("after-cycle")
+
+
 async def test_a_hundred_sockets_each_placing_a_call_at_once(gateway):
     await settle(gateway)
     pids = gateway.health()["worker_pids"]

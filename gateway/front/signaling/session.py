@@ -52,12 +52,10 @@ logger = logging.getLogger(__name__)
 
 #: Messages queued for one browser before the gateway gives up on it.
 SEND_QUEUE = 256
-#: With this many replies queued the session stops reading requests until the
-#: queue is down to ``LOW_WATER``: a client that sends fast is slowed, not closed.
+#: With this many replies queued, the reader lets the writer run after each frame:
+#: a client that sends fast but reads is served, one that does not read still
+#: overflows the queue and is closed.
 HIGH_WATER = SEND_QUEUE // 2
-LOW_WATER = SEND_QUEUE // 8
-#: A client whose replies stay queued this long is not reading: closed (1008).
-STALL_SECONDS = 10.0
 #: A frame this many times over the limit closes the socket instead (aiohttp's guard).
 HARD_LIMIT_FACTOR = 4
 #: Unexpected handler failures logged (with traceback) per session per minute.
@@ -81,8 +79,6 @@ class Session:
         self._max_message_bytes = max_message_bytes
         self._outbox: asyncio.Queue[str | None] = asyncio.Queue(SEND_QUEUE)
         self._writer: asyncio.Task[None] | None = None
-        self._drained = asyncio.Event()
-        self._drained.set()
         # Set once the browser stopped reading: messages are dropped from then on.
         self._closer: asyncio.Task[bool] | None = None
         self._dropped = 0
@@ -103,13 +99,19 @@ class Session:
         try:
             self._outbox.put_nowait(encode(event))
         except asyncio.QueueFull:
-            # Once per session: a browser that does not read gets one line, not one per message.
             self._dropped += 1
-            logger.warning("session %s: browser is not reading; closing", self.id)
-            self._closer = asyncio.create_task(
-                self._ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"not reading"),
-                name=f"ws-close-{self.id}",
-            )
+            self._give_up()
+
+    def _give_up(self) -> None:
+        """Close a browser that does not read (once per session: one log line, one close)."""
+        if self._closer is not None:
+            return
+        logger.warning("session %s: browser is not reading; closing", self.id)
+        # drain=False: waiting for a socket nobody reads to drain would never end.
+        self._closer = asyncio.create_task(
+            self._ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"not reading", drain=False),
+            name=f"ws-close-{self.id}",
+        )
 
     async def run(self) -> None:
         self._writer = asyncio.create_task(self._write(), name=f"ws-writer-{self.id}")
@@ -117,8 +119,8 @@ class Session:
             async for frame in self._ws:
                 if frame.type == WSMsgType.TEXT:
                     self._receive(frame.data)
-                    if self._outbox.qsize() >= HIGH_WATER and not await self._drain():
-                        break
+                    if self._outbox.qsize() >= HIGH_WATER:
+                        await asyncio.sleep(0)  # the writer drains into the socket
                 elif frame.type == WSMsgType.BINARY:
                     self.send(
                         Error("bad_request", "binary frames are not supported; send JSON text")
@@ -156,25 +158,12 @@ class Session:
                 pass
         await self._ws.close(code=code, message=message)
 
-    async def _drain(self) -> bool:
-        """Wait for the writer to catch up; ``False`` (socket closed) if the client stalls."""
-        self._drained.clear()
-        try:
-            await asyncio.wait_for(self._drained.wait(), STALL_SECONDS)
-        except TimeoutError:
-            logger.warning("session %s: browser is not reading; closing", self.id)
-            await self._ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"not reading")
-            return False
-        return True
-
     async def _write(self) -> None:
         while (text := await self._outbox.get()) is not None:
             try:
                 await self._ws.send_str(text)
             except ConnectionError:
                 return
-            if self._outbox.qsize() <= LOW_WATER:
-                self._drained.set()
 
     def _receive(self, text: str) -> None:
         if len(text.encode("utf-8", "surrogatepass")) > self._max_message_bytes:
