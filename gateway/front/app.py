@@ -27,7 +27,7 @@ from gateway.outcomes import End, ending
 from .calls import CallManager
 from .metrics import Metrics
 from .orphans import Orphans
-from .pool import WorkerHandle, WorkerPool, worker_params
+from .pool import StartupError, WorkerHandle, WorkerPool, worker_params
 from .signaling.session import Session, websocket_handler
 from .targets import EmbeddedTargets
 
@@ -142,7 +142,6 @@ async def _workers_and_calls(app: web.Application) -> AsyncIterator[None]:
         config.workers.max_setups_per_second,
     )
     orphans = Orphans(config.sip.bind)
-    await orphans.start()
     manager = CallManager(
         pool,
         config.rules,
@@ -155,11 +154,14 @@ async def _workers_and_calls(app: web.Application) -> AsyncIterator[None]:
     )
     app[POOL] = pool
     app[MANAGER] = manager
+    await pool.start()  # its errors name the SIP keys; the orphans socket comes after
     try:
-        await pool.start()
-    except BaseException:
-        await orphans.close()
-        raise
+        await orphans.start()
+    except OSError as exc:
+        await pool.stop()
+        raise StartupError(
+            f"sip.bind = {config.sip.bind!r}: cannot open a UDP socket: {exc}"
+        ) from None
     ports = ", ".join(str(w.sip_port) for w in pool.workers)
     logger.info("%d workers ready (SIP ports %s)", len(pool.workers), ports)
     yield

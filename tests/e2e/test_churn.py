@@ -128,9 +128,11 @@ async def cycle(url: str, offer: str, prefix: str, seconds: float) -> tuple[int,
             await ws.send_json({"type": "call", "call": call, "to": "echo", "sdp": offer})
             while True:
                 message = await ws.receive_json(timeout=30)
-                if message.get("id") == "h":  # our hangup lost a race with the call's end
-                    assert message["code"] == "not_found", message
-                    continue
+                if message.get("call") != call:
+                    continue  # a late word about the previous call
+                if message["type"] == "error" and message.get("id") == "h":
+                    assert message["code"] == "not_found", message  # lost a race with the end
+                    break
                 assert message["type"] != "error" or message["code"] in REFUSED, message
                 if message["type"] == "error":
                     refused += 1
@@ -157,12 +159,17 @@ async def test_sustained_churn_is_paced_per_worker(gateway):
     assert placed >= 20, results
     await settle(gateway)
     assert gateway.health()["worker_pids"] == pids, "a worker died"
+    # Every call slot came back: hanging up before pjsua sent the INVITE used to
+    # leak pjsua's slot for good (the next calls failed with PJ_ETOOMANY).
     async with WebClient(gateway.url) as client:
-        call = await client.establish("after-cycle", "echo", tone_hz=750)
-        await client.wait_event(call, "accepted")
-        tone = await call.wait_for_tone(750)
+        calls = [await client.establish(f"full{i}", "echo", tone_hz=750) for i in range(8)]
+        for call in calls:
+            event = await client.wait_event(call, ("accepted", "hangup"))
+            assert event["type"] == "accepted", event
+        tone = await calls[0].wait_for_tone(750)
         assert abs(tone.hz - 750) <= 10 and tone.rms > 0.02, tone
-        await client.hangup("after-cycle")
+        for call in calls:
+            await client.hangup(call.call_id)
 
 
 async def test_a_hundred_sockets_each_placing_a_call_at_once(gateway):

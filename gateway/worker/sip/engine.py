@@ -201,6 +201,11 @@ class _OutgoingCall(pj.Call):  # type: ignore[misc]
         self.port: BridgePort | None = engine.ports.acquire(command.from_sip, command.to_sip)
         #: pjsua2 is done with the call: the object may be deleted (on this thread).
         self.disconnected = False
+        #: The INVITE went out. makeCall opens the media transport asynchronously
+        #: and sends the INVITE on a later turn; a hangup before that leaks pjsua's
+        #: call slot for good (the 5th call then fails with PJ_ETOOMANY).
+        self.sent = False
+        self.hangup_pending = False
         self.codec = ""
         self.connected_media: list[Any] = []
         self.invite: Dialog | None = None
@@ -209,7 +214,9 @@ class _OutgoingCall(pj.Call):  # type: ignore[misc]
     def onCallState(self, prm: Any) -> None:
         info = self.getInfo()
         state = info.state
-        if state == pj.PJSIP_INV_STATE_EARLY:
+        if state == pj.PJSIP_INV_STATE_CALLING:
+            self.sent = True
+        elif state == pj.PJSIP_INV_STATE_EARLY:
             self.engine.emit(SipProgress(self.key, info.lastStatusCode, info.lastReason))
         elif state == pj.PJSIP_INV_STATE_CONFIRMED:
             self.engine.emit(SipAnswered(self.key, self.codec))
@@ -370,6 +377,7 @@ class SipEngine:
         while True:
             endpoint.libHandleEvents(POLL_MS)
             self._reap()
+            self._hang_up_pending()
             self._refuse_unwanted()
             while True:
                 try:
@@ -396,8 +404,18 @@ class SipEngine:
 
     def _hangup(self, command: _Hangup) -> None:
         call = self._calls.get(command.key)
-        if call is not None:
+        if call is None:
+            return
+        if call.sent:
             self._send_hangup(call)
+        else:
+            call.hangup_pending = True  # sent by _hang_up_pending once the INVITE is out
+
+    def _hang_up_pending(self) -> None:
+        for call in self._calls.values():
+            if call.hangup_pending and call.sent:
+                call.hangup_pending = False
+                self._send_hangup(call)
 
     def _send_hangup(self, call: _OutgoingCall) -> None:
         if call.disconnected:
