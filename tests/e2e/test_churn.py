@@ -159,6 +159,7 @@ async def test_sustained_churn_is_paced_per_worker(gateway):
     assert placed >= 20, results
     await settle(gateway)
     assert gateway.health()["worker_pids"] == pids, "a worker died"
+    await asyncio.sleep(1.1)  # past the workers' one-second set-up pacing window
     # Every call slot came back: hanging up before pjsua sent the INVITE used to
     # leak pjsua's slot for good (the next calls failed with PJ_ETOOMANY).
     async with WebClient(gateway.url) as client:

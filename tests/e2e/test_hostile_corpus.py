@@ -355,10 +355,12 @@ async def test_browser_that_does_not_read_is_closed_and_logged_once(gateway):
                 assert time.monotonic() < deadline, "the gateway never gave up on this browser"
                 for _ in range(500):
                     await ws.send_str(flood)
-        except aiohttp.ClientConnectionResetError:
-            pass  # the gateway closed first: fine
+        except ConnectionError:
+            pass  # the gateway closed (or cut off) the connection first: fine
         # Read through what was sent before the close. The gateway closes with 1008, but it
         # closes the TCP connection with our flood unread, so the kernel may reset it (1006).
+        # A peer that reads nothing leaves no room for the close frame: after a grace
+        # the gateway cuts the connection, which the client sees as 1006.
         while (frame := await ws.receive(timeout=10)).type == aiohttp.WSMsgType.TEXT:
             pass
         assert ws.close_code in (

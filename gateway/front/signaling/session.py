@@ -56,6 +56,8 @@ SEND_QUEUE = 256
 #: a client that sends fast but reads is served, one that does not read still
 #: overflows the queue and is closed.
 HIGH_WATER = SEND_QUEUE // 2
+#: How long closing a browser that does not read may take before it is cut off.
+CLOSE_GRACE = 2.0
 #: A frame this many times over the limit closes the socket instead (aiohttp's guard).
 HARD_LIMIT_FACTOR = 4
 #: Unexpected handler failures logged (with traceback) per session per minute.
@@ -71,6 +73,7 @@ class Session:
         manager: CallManager[Any],
         ice_servers: tuple[IceServer, ...],
         max_message_bytes: int,
+        transport: asyncio.Transport | None = None,
     ) -> None:
         self.id = secrets.token_urlsafe(12)
         self._ws = ws
@@ -80,7 +83,8 @@ class Session:
         self._outbox: asyncio.Queue[str | None] = asyncio.Queue(SEND_QUEUE)
         self._writer: asyncio.Task[None] | None = None
         # Set once the browser stopped reading: messages are dropped from then on.
-        self._closer: asyncio.Task[bool] | None = None
+        self._closer: asyncio.Task[None] | None = None
+        self._transport = transport
         self._dropped = 0
         self._failure_log = RateLimit(FAILURE_LOGS_PER_MINUTE, 60.0)
         # One small handler per request type; each takes its own request class.
@@ -107,16 +111,31 @@ class Session:
         if self._closer is not None:
             return
         logger.warning("session %s: browser is not reading; closing", self.id)
-        # drain=False: waiting for a socket nobody reads to drain would never end.
-        self._closer = asyncio.create_task(
-            self._ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"not reading", drain=False),
-            name=f"ws-close-{self.id}",
-        )
+        self._closer = asyncio.create_task(self._close_unread(), name=f"ws-close-{self.id}")
+
+    async def _close_unread(self) -> None:
+        """Try a clean close (1008); cut the connection if even the close frame cannot go.
+
+        A peer that does not read leaves no room in the socket for the close frame,
+        so the close handshake alone could wait for ever.
+        """
+        try:
+            await asyncio.wait_for(
+                self._ws.close(
+                    code=WSCloseCode.POLICY_VIOLATION, message=b"not reading", drain=False
+                ),
+                CLOSE_GRACE,
+            )
+        except TimeoutError:
+            if self._transport is not None:
+                self._transport.abort()
 
     async def run(self) -> None:
         self._writer = asyncio.create_task(self._write(), name=f"ws-writer-{self.id}")
         try:
             async for frame in self._ws:
+                if self._closer is not None:
+                    break  # given up on this browser: stop taking its requests
                 if frame.type == WSMsgType.TEXT:
                     self._receive(frame.data)
                     if self._outbox.qsize() >= HIGH_WATER:
@@ -262,7 +281,7 @@ def websocket_handler(
         app = request.app
         metrics = app[metrics_key]
         sessions = app[sessions_key]
-        session = Session(ws, app[manager_key], ice_servers, max_message_bytes)
+        session = Session(ws, app[manager_key], ice_servers, max_message_bytes, request.transport)
         sessions.add(session)
         metrics.websockets_active.set(len(sessions))
         try:
