@@ -2,8 +2,8 @@
 
 Hundreds of malformed or hostile frames, generated here: broken and lax JSON,
 every field of every message with the wrong type, odd characters in ids and
-numbers, oversized fields, binary frames, and a real aiortc offer mutated line
-by line. Each must get a typed ``error`` (never ``internal``) whose text is
+numbers, oversized fields, binary frames, and real aiortc and Chromium offers
+mutated line by line. Each must get a typed ``error`` (never ``internal``) whose text is
 plain words, the connection stays open, the call keeps its 1000 Hz tone, and
 the gateway logs no traceback.
 """
@@ -176,6 +176,35 @@ def _splice(lines: list[str], i: int, *new: str) -> str:
     return _sdp([*lines[:i], *new, *lines[i + 1 :]])
 
 
+async def chromium_offer() -> str:
+    """An audio offer made by headless Chromium (Debian's package, never downloaded)."""
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(
+            executable_path="/usr/bin/chromium",
+            headless=True,
+            args=["--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run"],
+        )
+        try:
+            page = await browser.new_page()
+            sdp = await page.evaluate(
+                """async () => {
+                    const pc = new RTCPeerConnection();
+                    pc.addTransceiver("audio", {direction: "sendrecv"});
+                    const offer = await pc.createOffer();
+                    await pc.setLocalDescription(offer);
+                    const sdp = pc.localDescription.sdp;
+                    pc.close();
+                    return sdp;
+                }"""
+            )
+        finally:
+            await browser.close()
+    assert "m=audio" in sdp
+    return str(sdp)
+
+
 def offer_cases(offer: str) -> Iterator[tuple[str, str]]:
     """A real offer, mutated: each may be refused, or parse well enough to be answered."""
     lines = _lines(offer)
@@ -205,8 +234,9 @@ def offer_cases(offer: str) -> Iterator[tuple[str, str]]:
     yield "rtpmap-text-pt", replace(r"^a=rtpmap:\d+ ", "a=rtpmap:abc ")
     yield "rtpmap-text-rate", replace(r"^a=rtpmap:(\d+) (\w+)/\d+", r"a=rtpmap:\1 \2/abc")
     yield "rtpmap-empty", replace(r"^a=rtpmap:.*$", "a=rtpmap:")
-    opus = next(i for i, line in enumerate(lines) if line.startswith("a=rtpmap:96 "))
-    yield "fmtp-junk", _splice(lines, opus, lines[opus], "a=fmtp:96 ;;==;\x00")
+    opus = next(i for i, line in enumerate(lines) if re.match(r"a=rtpmap:\d+ opus/", line))
+    opus_pt = lines[opus].split(":", 1)[1].split(" ", 1)[0]  # 96 in aiortc, 111 in Chromium
+    yield "fmtp-junk", _splice(lines, opus, lines[opus], f"a=fmtp:{opus_pt} ;;==;\x00")
     yield "fingerprint-bad-hex", replace(r"^(a=fingerprint:sha-256) .*$", r"\1 ZZ:ZZ")
     yield "fingerprint-md5", replace(r"^a=fingerprint:sha-256 ", "a=fingerprint:md5 ")
     yield "fingerprint-empty", replace(r"^a=fingerprint:.*$", "a=fingerprint:")
@@ -287,13 +317,19 @@ async def test_hostile_corpus_leaves_call_and_connection_alone(own_gateway):
             check_error(case_id, await reply(case_id, start, None))
             counts["front"] += 1
 
-        # A real offer from another aiortc peer (not the live call's), mutated.
+        # Real offers, mutated: one from another aiortc peer (not the live call's) and
+        # one from Chromium (taken as soon as created: trickle, no end-of-candidates).
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         pc.addTrack(ToneTrack(440))
         await pc.setLocalDescription(await pc.createOffer())
-        offer = str(pc.localDescription.sdp)
+        offers = {"aiortc": str(pc.localDescription.sdp), "chromium": await chromium_offer()}
         await pc.close()
-        for n, (case_id, sdp) in enumerate(offer_cases(offer)):
+        mutated = [
+            (f"{source}-{case_id}", sdp)
+            for source, offer in offers.items()
+            for case_id, sdp in offer_cases(offer)
+        ]
+        for n, (case_id, sdp) in enumerate(mutated):
             call_id = f"m{n}"
             start = len(client.messages)
             await client.send({"type": "call", "call": call_id, "to": "echo", "sdp": sdp})

@@ -61,6 +61,19 @@ async def test_hostile_sip_at_every_worker_port_kills_nothing(gateway):
             for name in ("stray-200", "stray-180", "stray-487-no-via", "ack-no-transaction"):
                 assert got[name] == [], (port, name, got[name])
             assert not any(code >= 600 or code == 500 for codes in got.values() for code in codes)
+        # The embedded targets are SIP ports of the gateway too (they answer INVITEs).
+        health = gateway.health()
+        target_pids = health["targets_pids"]
+        for address in health["targets_addresses"]:
+            port = int(address.rsplit(":", 1)[1])
+            got = await throw(port, corpus(9, f"sip:nobody@{address}"))
+            assert got["options"] == [200]
+            assert got["unknown-method"] == [405]
+            for name in ("stray-200", "stray-180", "stray-487-no-via"):
+                assert got[name] == [], (port, name, got[name])
+            # Delayed offers to an unknown target: refused (404) outside pjsua's callback.
+            assert 404 in got["invite-no-body"], got["invite-no-body"]
+        assert gateway.health()["targets_pids"] == target_pids
         # Every process lives, and the call that was up still carries its audio.
         assert gateway.health()["worker_pids"] == pids
         assert gateway.health()["workers_ready"] == len(ports)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 
 import pytest
@@ -28,9 +31,17 @@ async def kill_worker_of(gateway, call_id: str) -> None:
     os.kill(gateway.health()["worker_pids"][index], signal.SIGKILL)
 
 
+def readyz(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
 async def back_to_full_strength(gateway) -> None:
     deadline = time.monotonic() + 30
-    while gateway.health()["workers_ready"] != 2:
+    while (await asyncio.to_thread(readyz, gateway.url))[0] != 200:
         assert time.monotonic() < deadline, gateway.health()
         await asyncio.sleep(0.2)
 
@@ -57,6 +68,8 @@ async def test_the_phone_of_a_killed_worker_is_hung_up(gateway, tmp_path, kill):
         await kill_worker_of(gateway, call_id)
         hangup = await client.wait_event(call, "hangup", timeout=5)
         assert (hangup["code"], hangup["by"]) == (500, "gateway"), hangup
+        status, body = await asyncio.to_thread(readyz, gateway.url)
+        assert status == 503 and body["ready"] is False, body  # until it is back
         if kill == "answered":
             report = await phone.wait_for(lambda r: r.byes == 1, timeout=10)
         else:

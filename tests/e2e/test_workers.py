@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import time
 
@@ -27,9 +28,13 @@ async def test_killed_worker_hangs_up_its_calls_and_restarts(gateway):
         await client.wait_event(call, "accepted")
         before = gateway.health()
         assert before["calls_active"] >= 1
-        # The call went to one worker; kill both workers' processes that hold calls
-        # by killing each in turn until the call ends (the other keeps serving).
+        # The call went to one worker: kill that one first (the log names it), then
+        # the others in turn should the call still be up (the rest keep serving).
+        placed = re.findall(r"\(doomed\) to \S+ on worker (\d+)", gateway.log.read_text())
         pids = [p for p in before["worker_pids"] if p]
+        if placed:
+            holder = before["worker_pids"][int(placed[-1])]
+            pids.sort(key=lambda pid: pid != holder)
         victim = None
         for pid in pids:
             os.kill(pid, signal.SIGKILL)

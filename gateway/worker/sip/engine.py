@@ -16,6 +16,7 @@ port and the embedded targets, which share :func:`create_endpoint`).
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import queue
@@ -210,6 +211,8 @@ class _OutgoingCall(pj.Call):  # type: ignore[misc]
         self.connected_media: list[Any] = []
         self.invite: Dialog | None = None
         self.dialog: Dialog | None = None
+        #: pjsua's call id, kept at DISCONNECTED: the slot may outlive the call.
+        self.slot = -1
 
     def onCallState(self, prm: Any) -> None:
         info = self.getInfo()
@@ -221,6 +224,7 @@ class _OutgoingCall(pj.Call):  # type: ignore[misc]
         elif state == pj.PJSIP_INV_STATE_CONFIRMED:
             self.engine.emit(SipAnswered(self.key, self.codec))
         elif state == pj.PJSIP_INV_STATE_DISCONNECTED:
+            self.slot = self.getId()
             self.disconnected = True
             self.engine.emit(SipDisconnected(self.key, info.lastStatusCode, info.lastReason))
 
@@ -275,6 +279,9 @@ class SipEngine:
         self._account: Any = None
         self._guard: RequestGuard | None = None
         self._calls: dict[int, _OutgoingCall] = {}
+        #: Ended calls whose pjsua slot is still taken, as (key, pjsua call id).
+        self._lingering: list[tuple[int, int]] = []
+        self._lib: Any = None
         self._thread: threading.Thread | None = None
         self._started: asyncio.Future[int] | None = None
         self._ports: PortPool | None = None
@@ -426,13 +433,34 @@ class SipEngine:
             logger.debug("hangup of call %s: %s", call.key, exc.info())
 
     def _reap(self) -> None:
-        """Delete pjsua2 objects of finished calls (never from inside their callbacks)."""
+        """Delete pjsua2 objects of finished calls (never from inside their callbacks).
+
+        The call's slot is reported free only once pjsua frees it: a call hung up
+        before any response is DISCONNECTED at once, but pjsua keeps its slot until
+        the INVITE transaction ends (Timer B, 32 s). Reporting it free earlier let
+        the front place a call that then failed with PJ_ETOOMANY.
+        """
         done = [key for key, call in self._calls.items() if call.disconnected]
         for key in done:
             call = self._calls.pop(key)
             self._release_media(call)
+            self._lingering.append((key, call.slot))
             del call
-            self.emit(SipReleased(key))
+        if self._lingering:
+            taken = self._taken_slots()
+            for key, slot in [entry for entry in self._lingering if entry[1] not in taken]:
+                self._lingering.remove((key, slot))
+                self.emit(SipReleased(key))
+
+    def _taken_slots(self) -> set[int]:
+        """The call ids pjsua still holds (``pjsua_enum_calls``)."""
+        if self._lib is None:
+            self._lib = ctypes.CDLL(pj._pjsua2.__file__)
+        ids = (ctypes.c_int * self.params.max_calls)()
+        count = ctypes.c_uint(self.params.max_calls)
+        if self._lib.pjsua_enum_calls(ids, ctypes.byref(count)) != 0:
+            return set()
+        return set(ids[: count.value])
 
     def _refuse_unwanted(self) -> None:
         unwanted = self._account.unwanted
@@ -500,6 +528,9 @@ class SipEngine:
             self._release_media(self._calls[key])
             del self._calls[key]
             self.emit(SipReleased(key))
+        for key, _ in self._lingering:
+            self.emit(SipReleased(key))
+        self._lingering.clear()
 
     def _drop_account(self) -> None:
         self._account.unwanted.clear()
