@@ -199,6 +199,7 @@ async def _health(request: web.Request) -> web.Response:
         "workers_ready": ready,
         "workers": len(pool.workers),
         "calls_active": request.app[MANAGER].active,
+        "call_slots_free": sum(w.free for w in pool.workers),
         "worker_pids": [w.pid for w in pool.workers],
     }
     if TARGETS in request.app:
