@@ -14,6 +14,7 @@ import re
 import select
 import signal
 import socket
+import time
 from typing import Any
 
 import pjsua2 as pj
@@ -213,9 +214,21 @@ def run(sock: socket.socket, params: TargetsParams) -> None:
         del guard  # pjsip pointed at it until libDestroy
 
 
+#: After a SIGTERM, how long to wait for the front's word before stopping alone.
+TERM_GRACE = 10.0
+
+
 def _serve(endpoint: Any, account: _TargetAccount, sock: socket.socket) -> None:
-    """Run until the front says ``Shutdown`` or closes ``sock``."""
+    """Run until the front says ``Shutdown`` or closes ``sock`` (or long after a SIGTERM).
+
+    A process-group SIGTERM (systemd) reaches this process with the front: the
+    front stops it in order, so it only notes the time.
+    """
+    terminated: list[float] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: terminated.append(time.monotonic()))
     while True:
+        if terminated and time.monotonic() - terminated[0] > TERM_GRACE:
+            return
         endpoint.libHandleEvents(POLL_MS)
         account.turn += 1
         account.refuse_unknown()

@@ -41,6 +41,9 @@ logger = logging.getLogger(__name__)
 
 #: How long shutdown waits for calls to release after hanging them up, in seconds.
 SHUTDOWN_GRACE = 2.0
+#: After a SIGTERM, how long the worker waits for the front's Shutdown before it
+#: stops on its own (systemd signals the whole process group at once).
+TERM_GRACE = 10.0
 
 
 def run(sock: socket.socket, params: WorkerParams) -> None:
@@ -96,6 +99,9 @@ class Worker:
             await self._channel.drain()
             self._channel.close()
             return
+        # A process-group SIGTERM (systemd) reaches the workers with the front: let
+        # the front hang up and tell us, and stop alone only if it never does.
+        loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
         self._send(WorkerReady(port))
         logger.info(
             "worker %s ready, SIP on port %s (pid %s)", self._params.index, port, os.getpid()
@@ -108,6 +114,15 @@ class Worker:
                 self._handlers[type(message)](message)
         finally:
             await self._shutdown()
+
+    def _on_sigterm(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.call_later(TERM_GRACE, self._stop_alone)
+
+    def _stop_alone(self) -> None:
+        logger.warning("no word from the front %s s after SIGTERM; stopping", TERM_GRACE)
+        if self._channel is not None:
+            self._channel.close()  # the command loop reads end of file and shuts down
 
     def _on_start_call(self, message: StartCall) -> None:
         assert self._engine is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 
 import pytest
@@ -13,8 +14,13 @@ from peers.webclient import WebClient
 pytestmark = pytest.mark.timeout(90)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-async def test_shutdown_hangs_up_both_legs(tmp_path, signum):
+@pytest.mark.parametrize(
+    ("signum", "group"),
+    [(signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGTERM, True)],
+    ids=["SIGINT", "SIGTERM", "SIGTERM-process-group"],
+)
+async def test_shutdown_hangs_up_both_legs(tmp_path, signum, group):
+    """``group``: the signal reaches every process at once, as systemd sends it."""
     port = free_port()
     gateway = start_gateway(tmp_path, make_config(port, workers=1), http_port=port)
     try:
@@ -24,12 +30,17 @@ async def test_shutdown_hangs_up_both_legs(tmp_path, signum):
             await client.connect()
             call = await client.establish("c1", f"sipp{phone.port}")
             await client.wait_event(call, "accepted")
-            gateway.process.send_signal(signum)
+            if group:  # the gateway runs in a session of its own: its pid is the group's
+                os.killpg(gateway.process.pid, signum)
+            else:
+                gateway.process.send_signal(signum)
             hangup = await client.wait_event(call, "hangup", timeout=10)
             assert (hangup["code"], hangup["by"]) == (503, "gateway")
             await phone.wait_for(lambda r: r.byes == 1, timeout=5)
             exit_code = await asyncio.to_thread(gateway.process.wait, 15)
             assert exit_code == 0, gateway.log.read_text()[-2000:]
+            log = gateway.log.read_text()
+            assert " died " not in log and "restarting" not in log, log[-2000:]
             await client.close()
     finally:
         stop_gateway(gateway)

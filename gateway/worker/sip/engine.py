@@ -484,7 +484,9 @@ class SipEngine:
         port = call.port
         if port is None:
             return
-        for audio in call.connected_media:
+        # A DISCONNECTED call's conference port is gone, and its connections with it:
+        # disconnecting again only makes pjsua log PJ_EINVAL.
+        for audio in call.connected_media if not call.disconnected else ():
             try:
                 audio.stopTransmit(port)
                 port.stopTransmit(audio)
