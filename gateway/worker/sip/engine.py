@@ -44,7 +44,7 @@ from .events import (
     SipProgress,
     SipReleased,
 )
-from .guard import DROP, PASS, Answer, RequestGuard
+from .guard import DROP, PASS, Answer, RequestGuard, pjsua_library
 from .media_port import BridgePort, PortPool
 
 logger = logging.getLogger(__name__)
@@ -281,7 +281,6 @@ class SipEngine:
         self._calls: dict[int, _OutgoingCall] = {}
         #: Ended calls whose pjsua slot is still taken, as (key, pjsua call id).
         self._lingering: list[tuple[int, int]] = []
-        self._lib: Any = None
         self._thread: threading.Thread | None = None
         self._started: asyncio.Future[int] | None = None
         self._ports: PortPool | None = None
@@ -454,11 +453,9 @@ class SipEngine:
 
     def _taken_slots(self) -> set[int]:
         """The call ids pjsua still holds (``pjsua_enum_calls``)."""
-        if self._lib is None:
-            self._lib = ctypes.CDLL(pj._pjsua2.__file__)
         ids = (ctypes.c_int * self.params.max_calls)()
         count = ctypes.c_uint(self.params.max_calls)
-        if self._lib.pjsua_enum_calls(ids, ctypes.byref(count)) != 0:
+        if pjsua_library().pjsua_enum_calls(ids, ctypes.byref(count)) != 0:
             return set()
         return set(ids[: count.value])
 

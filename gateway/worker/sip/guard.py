@@ -23,6 +23,7 @@ for many releases); ``tests/e2e/test_hostile_sip.py`` checks the behaviour.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -82,8 +83,9 @@ class _Module(ctypes.Structure):
 PRIORITY = 40
 
 
-def _library() -> Any:
-    """The already-loaded pjsua2 extension, with the signatures this module uses."""
+@functools.cache
+def pjsua_library() -> Any:
+    """The already-loaded pjsua2 extension, for the C calls pjsua2 does not wrap."""
     lib = ctypes.CDLL(pj._pjsua2.__file__)
     lib.pjsua_get_pjsip_endpt.restype = ctypes.c_void_p
     lib.pjsip_rx_data_get_info.argtypes = [ctypes.c_void_p]
@@ -112,7 +114,7 @@ class RequestGuard:
 
     def __init__(self, policy: Policy) -> None:
         self._policy = policy
-        self._lib = _library()
+        self._lib = pjsua_library()
         self._endpoint = self._lib.pjsua_get_pjsip_endpt()
         self._reasons: dict[str, _PjStr] = {}
         self._keep: list[bytes] = []
