@@ -160,6 +160,12 @@ async def test_sustained_churn_is_paced_per_worker(gateway):
     await settle(gateway)
     assert gateway.health()["worker_pids"] == pids, "a worker died"
     await asyncio.sleep(1.1)  # past the workers' one-second set-up pacing window
+    # A slot held by an unanswered INVITE (another test's) frees after Timer B, 32 s;
+    # a leaked one never does, and this wait fails.
+    deadline = time.monotonic() + 40
+    while gateway.health()["call_slots_free"] != 8:
+        assert time.monotonic() < deadline, gateway.health()
+        await asyncio.sleep(0.5)
     # Every call slot came back: hanging up before pjsua sent the INVITE used to
     # leak pjsua's slot for good (the next calls failed with PJ_ETOOMANY).
     async with WebClient(gateway.url) as client:
