@@ -39,6 +39,9 @@ class HttpConfig:
     max_calls_per_connection: int = 8
     #: ``call`` requests one connection may make per second (beyond: ``busy``).
     max_call_rate: int = 10
+    #: Seconds between WebSocket pings; a connection that misses a pong is closed
+    #: (and its calls hung up) within two intervals.
+    heartbeat: float = 15.0
 
     def validate(self) -> None:
         if self.host != "localhost":
@@ -47,6 +50,7 @@ class HttpConfig:
         _check_range("http.max_message_bytes", self.max_message_bytes, 1024, 16 * 1024 * 1024)
         _check_range("http.max_calls_per_connection", self.max_calls_per_connection, 1, 1000)
         _check_range("http.max_call_rate", self.max_call_rate, 1, 1000)
+        _check_range("http.heartbeat", self.heartbeat, 1.0, 300.0)
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,10 @@ class WorkersConfig:
         _check_range("workers.max_setups_per_second", self.max_setups_per_second, 1, 40)
 
 
+#: Values of ``sip.session_timers``.
+SESSION_TIMER_MODES = ("off", "optional", "required", "always")
+
+
 @dataclass(frozen=True)
 class SipConfig:
     """The SIP leg (pjsua2) in every worker."""
@@ -89,6 +97,14 @@ class SipConfig:
     invite_timeout: float = 30.0
     #: pjsip log level written to the worker's stderr (0 = off, 6 = everything).
     log_level: int = 1
+    #: RFC 4028 session timers: "off", "optional" (used when the far end supports
+    #: them), "required" (Require: timer) or "always" (refresh even if the far end
+    #: does not say it supports them).
+    session_timers: str = "optional"
+    #: Session-Expires offered, in seconds; an unrefreshed session ends.
+    session_expires: int = 1800
+    #: Smallest Session-Expires accepted (Min-SE); a 422 raises ours to the far end's.
+    min_se: int = 90
 
     def validate(self) -> None:
         _check_ip("sip.bind", self.bind)
@@ -111,6 +127,13 @@ class SipConfig:
                 )
         _check_range("sip.invite_timeout", self.invite_timeout, 0.5, 300.0)
         _check_range("sip.log_level", self.log_level, 0, 6)
+        if self.session_timers not in SESSION_TIMER_MODES:
+            raise ConfigError(
+                f"config: sip.session_timers = {self.session_timers!r}: expected one of "
+                f"{', '.join(SESSION_TIMER_MODES)}"
+            )
+        _check_range("sip.min_se", self.min_se, 90, 86400)
+        _check_range("sip.session_expires", self.session_expires, self.min_se, 86400)
 
 
 @dataclass(frozen=True)
@@ -130,6 +153,9 @@ class WebRtcConfig:
     ice_servers: tuple[IceServer, ...] = ()
     #: Local addresses offered as ICE host candidates. Empty means every interface.
     ice_addresses: tuple[str, ...] = ()
+    #: Seconds without an answered ICE consent check before the browser's
+    #: connection counts as lost (RFC 7675 says 30).
+    consent_timeout: float = 30.0
 
     def validate(self) -> None:
         for i, server in enumerate(self.ice_servers):
@@ -142,6 +168,37 @@ class WebRtcConfig:
                     )
         for addr in self.ice_addresses:
             _check_ip("webrtc.ice_addresses", addr)
+        _check_range("webrtc.consent_timeout", self.consent_timeout, 5.0, 300.0)
+
+
+@dataclass(frozen=True)
+class CallsConfig:
+    """Bounds on every call's life, enforced on both legs."""
+
+    #: Seconds for the browser's ICE and DTLS to connect after the answer; after
+    #: that the call ends with ``ice_failed`` (before any INVITE, by default).
+    setup_timeout: float = 10.0
+    #: Send the INVITE only once the browser's ICE and DTLS are connected, so no
+    #: phone rings for a browser that can never be heard. ``false`` sends it at
+    #: once (lower post-dial delay; an ICE failure then sends CANCEL or BYE).
+    invite_after_ice: bool = True
+    #: Seconds without audio from either leg (a leg on hold does not count)
+    #: before the call ends with ``media_timeout``. 0 turns it off.
+    media_timeout: float = 30.0
+    #: Seconds a call may ring (after the first 18x) before it is cancelled with
+    #: 480 ``no_answer``. 0 turns it off.
+    max_ringing: float = 60.0
+    #: Seconds an answered call may last before the gateway hangs it up. 0 = no limit.
+    max_duration: float = 0.0
+
+    def validate(self) -> None:
+        _check_range("calls.setup_timeout", self.setup_timeout, 1.0, 120.0)
+        if self.media_timeout:
+            _check_range("calls.media_timeout", self.media_timeout, 1.0, 3600.0)
+        if self.max_ringing:
+            _check_range("calls.max_ringing", self.max_ringing, 1.0, 3600.0)
+        if self.max_duration:
+            _check_range("calls.max_duration", self.max_duration, 1.0, 7 * 86400.0)
 
 
 @dataclass(frozen=True)
@@ -184,6 +241,7 @@ class Config:
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     sip: SipConfig = field(default_factory=SipConfig)
     webrtc: WebRtcConfig = field(default_factory=WebRtcConfig)
+    calls: CallsConfig = field(default_factory=CallsConfig)
     embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)
     rules: tuple[Rule, ...] = field(
         default_factory=lambda: load_rules(list(DEFAULT_RULES), DIALPLAN_VARIABLES)
@@ -196,7 +254,7 @@ class Config:
         return max(1, -(-calls // EMBEDDED_CALLS_PER_PROCESS))
 
     def validate(self) -> None:
-        for section in (self.http, self.workers, self.sip, self.webrtc, self.embedded):
+        for section in (self.http, self.workers, self.sip, self.webrtc, self.calls, self.embedded):
             section.validate()
         last = self.workers.count - 1
         if self.sip.port and self.sip.port + last > 65535:
@@ -247,6 +305,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "workers": WorkersConfig,
     "sip": SipConfig,
     "webrtc": WebRtcConfig,
+    "calls": CallsConfig,
     "embedded": EmbeddedConfig,
 }
 

@@ -21,7 +21,7 @@ import struct
 from dataclasses import dataclass, field, replace
 from typing import Any, Self
 
-from gateway.config import EmbeddedConfig, IceServer, SipConfig
+from gateway.config import CallsConfig, EmbeddedConfig, IceServer, SipConfig
 from gateway.outcomes import Ending, Refusal
 
 logger = logging.getLogger(__name__)
@@ -41,8 +41,10 @@ class WorkerParams:
     rtp_port: int
     rtp_port_range: int
     max_calls: int
+    calls: CallsConfig = field(default_factory=CallsConfig)
     ice_servers: tuple[IceServer, ...] = ()
     ice_addresses: tuple[str, ...] = ()
+    consent_timeout: float = 30.0
     log_level: int = logging.INFO
 
     def with_sip_port(self, port: int) -> Self:

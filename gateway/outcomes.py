@@ -34,14 +34,30 @@ class End(Enum):
     LOCAL_CANCEL = EndRow(487, "Request Terminated", "local")
     #: The browser hung up an answered call: BYE sent.
     LOCAL_BYE = EndRow(200, "Normal call clearing", "local")
+    #: The browser's WebSocket closed (or missed its heartbeat): CANCEL or BYE sent.
+    WEBSOCKET_CLOSED = EndRow(200, "WebSocket connection closed", "local")
     #: The SIP side sent BYE after the answer.
     REMOTE_BYE = EndRow(200, "Remote hangup (BYE)", "remote")
     #: The SIP side answered the INVITE with a final error (404, 486, 603...).
     REMOTE_REJECT = EndRow(0, "", "remote")
     #: No 18x or 2xx within ``sip.invite_timeout``: CANCEL sent.
     INVITE_TIMEOUT = EndRow(408, "Request Timeout (no answer from the SIP target)", "gateway")
-    #: The browser's WebRTC connection failed.
+    #: The browser's ICE and DTLS did not connect within ``calls.setup_timeout``
+    #: (or failed before that).
     ICE_FAILED = EndRow(480, "ICE connection failed", "gateway")
+    #: The browser's WebRTC connection was lost after set-up (ICE consent
+    #: expired, DTLS closed, connection failed): BYE or CANCEL sent.
+    WEBRTC_LOST = EndRow(480, "WebRTC connection lost", "gateway")
+    #: No audio from one leg for ``calls.media_timeout`` (not counting hold).
+    MEDIA_TIMEOUT = EndRow(408, "Media timeout", "gateway")
+    #: The call rang for ``calls.max_ringing``: CANCEL sent.
+    NO_ANSWER = EndRow(480, "No answer", "gateway")
+    #: The answered call reached ``calls.max_duration``: BYE sent.
+    MAX_DURATION = EndRow(200, "Maximum call duration reached", "gateway")
+    #: The SIP target's host said its port is closed (ICMP port unreachable).
+    TARGET_UNREACHABLE = EndRow(503, "SIP target unreachable", "gateway")
+    #: The RFC 4028 session was not refreshed in time: BYE sent.
+    SESSION_EXPIRED = EndRow(408, "Session timer expired", "gateway")
     #: The worker process carrying the call died.
     WORKER_DIED = EndRow(500, "Gateway worker stopped unexpectedly", "gateway")
     #: The embedded targets process answering the call died.

@@ -91,7 +91,12 @@ def build_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_workers_and_calls)
     app.on_shutdown.append(_close_sessions)
     handler = websocket_handler(
-        MANAGER, METRICS, config.webrtc.ice_servers, config.http.max_message_bytes, SESSIONS
+        MANAGER,
+        METRICS,
+        config.webrtc.ice_servers,
+        config.http.max_message_bytes,
+        SESSIONS,
+        config.http.heartbeat,
     )
     app.router.add_get("/", _demo_page)
     app.router.add_get("/ws", handler)

@@ -316,10 +316,11 @@ class CallManager(Generic[W]):
         owned = self._owners.pop(owner, None)
         if owned is None:
             return
+        closed = ending(End.WEBSOCKET_CLOSED)
         for call in owned.live.values():
             if call.state is not CallState.ENDING:
                 call.state = CallState.ENDING
-                self._pool.send(call.worker, EndCall(call.key))
+                self._pool.send(call.worker, EndCall(call.key, closed))
 
     def end_calls(self, keys: set[int], result: Ending) -> None:
         """End the calls ``keys`` (their SIP target died) with ``result``, telling their owners."""

@@ -77,8 +77,10 @@ def worker_params(config: Config, log_level: int) -> list[WorkerParams]:
             rtp_port=sip.rtp_port + RTP_PORTS_PER_WORKER * i,
             rtp_port_range=RTP_PORTS_PER_WORKER,
             max_calls=config.workers.calls_per_worker,
+            calls=config.calls,
             ice_servers=config.webrtc.ice_servers,
             ice_addresses=ice_addresses(config),
+            consent_timeout=config.webrtc.consent_timeout,
             log_level=log_level,
         )
         for i in range(config.workers.count)

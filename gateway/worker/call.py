@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Coroutine
 from enum import Enum
 from typing import Any
 
-from gateway.config import IceServer
 from gateway.ipc import (
     CallAccepted,
     CallAnswer,
@@ -27,6 +27,7 @@ from gateway.ipc import (
     CallRefused,
     CallReleased,
     FromWorker,
+    WorkerParams,
 )
 from gateway.outcomes import End, Ending, Refusal, ending, local_hangup, sip_disconnected
 from gateway.worker.media.bridge import MediaBridge
@@ -37,19 +38,25 @@ from gateway.worker.sip.events import (
     SipDisconnected,
     SipEvent,
     SipFailed,
+    SipMediaTimeout,
     SipProgress,
     SipReleased,
 )
+from gateway.worker.sip.probe import Target, port_closed, udp_target
 from gateway.worker.webrtc.peer import BadOffer, WebRtcLeg
 from gateway.worker.webrtc.tracks import SipAudioTrack
 
 logger = logging.getLogger(__name__)
 
+#: How long the closed-port probe runs after the INVITE goes out, in seconds.
+PROBE_SECONDS = 2.0
+
 
 class State(Enum):
     ANSWERING = "answering"  # answering the browser's offer; no INVITE yet
+    CONNECTING = "connecting"  # answer sent, waiting for ICE/DTLS; no INVITE yet
     INVITING = "inviting"  # INVITE sent, no response yet (the invite timeout runs)
-    EARLY = "early"  # 18x received
+    EARLY = "early"  # 18x received (the ringing limit runs)
     ANSWERED = "answered"  # 200 OK
     ENDED = "ended"  # the ending is reported; resources are being released
     RELEASED = "released"  # pjsua2 slot and peer connection gone
@@ -58,46 +65,64 @@ class State(Enum):
 #: States in which the call is still live on the SIP side.
 _LIVE = (State.INVITING, State.EARLY, State.ANSWERED)
 
+#: How often the browser's audio is checked for ``calls.media_timeout``, in seconds.
+UPLINK_CHECK_INTERVAL = 1.0
+
 
 class BridgedCall:
-    """Runs one call in a worker and reports it to the front through ``send``."""
+    """Runs one call in a worker and reports it to the front through ``send``.
+
+    Every wait has a bound (``calls`` settings): ICE/DTLS set-up, the first
+    response to the INVITE, ringing, the call's duration, and silence on either
+    leg. Each bound is one timer; whichever fires ends the call on both legs.
+    """
 
     def __init__(
         self,
         key: int,
         engine: SipEngine,
-        ice_servers: Sequence[IceServer],
+        params: WorkerParams,
         send: Callable[[FromWorker], None],
         on_released: Callable[[int], None],
-        invite_timeout: float,
         loopback_only: bool = False,
     ) -> None:
         self.key = key
         self.state = State.ANSWERING
         self._engine = engine
-        self._ice_servers = ice_servers
+        self._params = params
+        self._limits = params.calls
         self._send = send
         self._on_released = on_released
-        self._invite_timeout = invite_timeout
         self._loopback_only = loopback_only
         self._bridge = MediaBridge()
         self._webrtc: WebRtcLeg | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._uri = ""
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._media_up = False
+        self._uplink_seen = (-1, 0.0)  # (frames pushed, when that count was first seen)
         self._sip_released = True  # until an INVITE goes out
         self._media_closed = False
-        self._closing: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self._handlers: dict[type[SipEvent], Callable[[Any], None]] = {
             SipProgress: self._on_progress,
             SipAnswered: self._on_answered,
             SipDisconnected: self._on_disconnected,
             SipFailed: self._on_failed,
             SipDialog: self._on_dialog,
+            SipMediaTimeout: self._on_sip_media_timeout,
             SipReleased: self._on_released_by_sip,
         }
 
     async def start(self, offer_sdp: str, uri: str) -> None:
-        """Answer the browser's offer, then send the INVITE."""
-        self._webrtc = WebRtcLeg(self._ice_servers, self._on_webrtc_failed, self._loopback_only)
+        """Answer the browser's offer; send the INVITE once ICE and DTLS are up.
+
+        With ``calls.invite_after_ice = false`` the INVITE goes out right after
+        the answer and the set-up timeout runs alongside it.
+        """
+        self._uri = uri
+        self._webrtc = WebRtcLeg(
+            self._params.ice_servers, self._on_webrtc_lost, self._loopback_only
+        )
         try:
             answer = await self._webrtc.answer(offer_sdp, SipAudioTrack(self._bridge.from_sip))
         except Exception as exc:
@@ -112,17 +137,50 @@ class BridgedCall:
         if self.state is not State.ANSWERING:  # ended while answering
             return
         self._send(CallAnswer(self.key, answer))
+        self.state = State.CONNECTING
+        self._arm("setup", self._limits.setup_timeout, self._on_setup_timeout)
+        self._spawn(self._pump_uplink())
+        if not self._limits.invite_after_ice:
+            self._invite()
+        try:
+            await self._webrtc.connected()
+        except ConnectionError as exc:
+            if self.state in (State.CONNECTING, *_LIVE) and not self._media_up:
+                self.hangup(ending(End.ICE_FAILED, reason=f"ICE connection failed: {exc}"))
+            return
+        if self.state not in (State.CONNECTING, *_LIVE):
+            return
+        self._media_up = True
+        self._disarm("setup")
+        self._watch_uplink()
+        if self.state is State.CONNECTING:
+            self._invite()
+
+    def _invite(self) -> None:
         self.state = State.INVITING
         self._sip_released = False
-        self._timer = asyncio.get_running_loop().call_later(
-            self._invite_timeout, self._on_invite_timeout
-        )
-        self._engine.make_call(self.key, uri, self._bridge.from_sip, self._bridge.to_sip)
+        self._arm("invite", self._params.sip.invite_timeout, self._on_invite_timeout)
+        self._engine.make_call(self.key, self._uri, self._bridge.from_sip, self._bridge.to_sip)
+        target = udp_target(self._uri)
+        if target is not None:
+            self._spawn(self._probe(target))
+
+    async def _probe(self, target: Target) -> None:
+        if await port_closed(target, PROBE_SECONDS) and self.state is State.INVITING:
+            where = f"{target.host}:{target.port}"
+            self.hangup(
+                ending(
+                    End.TARGET_UNREACHABLE, reason=f"SIP target unreachable: {where} port closed"
+                )
+            )
+
+    async def _pump_uplink(self) -> None:
+        assert self._webrtc is not None
         try:
             track = await self._webrtc.remote_audio()
         except Exception:
             return
-        if self.state in _LIVE:
+        if self.state in (State.CONNECTING, *_LIVE):
             self._bridge.start_uplink(track)
 
     async def _refuse(self, refusal: Refusal, message: str) -> None:
@@ -144,14 +202,66 @@ class BridgedCall:
         if placed:
             self._engine.hangup(self.key)
 
-    def _on_webrtc_failed(self, why: str) -> None:
-        logger.info("call %s: %s", self.key, why)
-        self.hangup(ending(End.ICE_FAILED))
+    # --- timers -------------------------------------------------------------------
+
+    def _arm(self, name: str, delay: float, callback: Callable[[], None]) -> None:
+        self._disarm(name)
+        if delay > 0:
+            self._timers[name] = asyncio.get_running_loop().call_later(delay, callback)
+
+    def _disarm(self, name: str) -> None:
+        timer = self._timers.pop(name, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _on_setup_timeout(self) -> None:
+        self._timers.pop("setup", None)
+        seconds = self._limits.setup_timeout
+        self.hangup(
+            ending(
+                End.ICE_FAILED, reason=f"ICE connection failed: not connected after {seconds:g} s"
+            )
+        )
 
     def _on_invite_timeout(self) -> None:
-        self._timer = None
+        self._timers.pop("invite", None)
         if self.state is State.INVITING:
             self.hangup(ending(End.INVITE_TIMEOUT))
+
+    def _on_ringing_timeout(self) -> None:
+        self._timers.pop("ringing", None)
+        if self.state is State.EARLY:
+            seconds = self._limits.max_ringing
+            self.hangup(ending(End.NO_ANSWER, reason=f"No answer after {seconds:g} s of ringing"))
+
+    def _on_duration_limit(self) -> None:
+        self._timers.pop("duration", None)
+        if self.state is State.ANSWERED:
+            self.hangup(ending(End.MAX_DURATION))
+
+    def _watch_uplink(self) -> None:
+        """Check every second that the browser's audio still arrives."""
+        timeout = self._limits.media_timeout
+        if not timeout or self.state in (State.ENDED, State.RELEASED):
+            return
+        now = time.monotonic()
+        frames = self._bridge.to_sip.pushed
+        if frames != self._uplink_seen[0]:
+            self._uplink_seen = (frames, now)
+        elif now - self._uplink_seen[1] >= timeout:
+            self.hangup(
+                ending(
+                    End.MEDIA_TIMEOUT,
+                    reason=f"Media timeout: no audio from the browser for {timeout:g} s",
+                )
+            )
+            return
+        self._arm("uplink", UPLINK_CHECK_INTERVAL, self._watch_uplink)
+
+    def _on_webrtc_lost(self, why: str) -> None:
+        logger.info("call %s: %s", self.key, why)
+        if self._media_up:
+            self.hangup(ending(End.WEBRTC_LOST, reason=f"WebRTC connection lost: {why}"))
 
     # --- the SIP leg's events (on the event loop) ---------------------------------------
 
@@ -160,13 +270,17 @@ class BridgedCall:
 
     def _on_progress(self, event: SipProgress) -> None:
         if self.state in (State.INVITING, State.EARLY):
-            self._stop_timer()
+            self._disarm("invite")
+            if self.state is State.INVITING:
+                self._arm("ringing", self._limits.max_ringing, self._on_ringing_timeout)
             self.state = State.EARLY
             self._send(CallProgress(self.key, event.code, event.reason))
 
     def _on_answered(self, event: SipAnswered) -> None:
         if self.state in (State.INVITING, State.EARLY):
-            self._stop_timer()
+            self._disarm("invite")
+            self._disarm("ringing")
+            self._arm("duration", self._limits.max_duration, self._on_duration_limit)
             self.state = State.ANSWERED
             codec = self._webrtc.codec if self._webrtc else ""
             self._send(CallAccepted(self.key, codec, event.codec))
@@ -184,19 +298,26 @@ class BridgedCall:
         if self.state in _LIVE:
             self._send(CallDialog(self.key, event.dialog))
 
+    def _on_sip_media_timeout(self, event: SipMediaTimeout) -> None:
+        if self.state is State.ANSWERED:
+            reason = f"Media timeout: no RTP from the SIP side for {event.seconds:g} s"
+            self.hangup(ending(End.MEDIA_TIMEOUT, reason=reason))
+
     def _on_released_by_sip(self, event: SipReleased) -> None:
         self._sip_released = True
         self._release()
 
     # --- ending and releasing ---------------------------------------------------------
 
-    def _stop_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _finish(self, result: Ending) -> None:
-        self._stop_timer()
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
         self.state = State.ENDED
         stats = self._bridge.stats()
         counters = {
@@ -208,13 +329,16 @@ class BridgedCall:
             "downlink_dropped": stats.downlink.dropped,
         }
         self._send(CallEnded(self.key, result, counters))
-        self._closing = asyncio.create_task(self._close_then_release())
+        self._spawn(self._close_then_release())
 
     async def _close_then_release(self) -> None:
         await self._close_media()
         self._release()
 
     async def _close_media(self) -> None:
+        current = asyncio.current_task()
+        for task in [t for t in self._tasks if t is not current]:
+            task.cancel()
         await self._bridge.stop()
         if self._webrtc is not None:
             try:

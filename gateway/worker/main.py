@@ -35,7 +35,7 @@ from gateway.outcomes import End, ending
 from gateway.worker.call import BridgedCall
 from gateway.worker.sip.engine import SipEngine, SipStartError
 from gateway.worker.sip.events import SipEvent
-from gateway.worker.webrtc.peer import restrict_host_addresses
+from gateway.worker.webrtc.peer import restrict_host_addresses, set_consent_timeout
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ def run(sock: socket.socket, params: WorkerParams) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if params.ice_addresses:
         restrict_host_addresses(params.ice_addresses)
+    set_consent_timeout(params.consent_timeout)
     asyncio.run(Worker(sock, params).run())
 
 
@@ -127,13 +128,7 @@ class Worker:
     def _on_start_call(self, message: StartCall) -> None:
         assert self._engine is not None
         call = BridgedCall(
-            message.key,
-            self._engine,
-            self._params.ice_servers,
-            self._send,
-            self._forget,
-            self._params.sip.invite_timeout,
-            self._loopback_only,
+            message.key, self._engine, self._params, self._send, self._forget, self._loopback_only
         )
         self._calls[message.key] = call
         self._idle.clear()

@@ -7,6 +7,8 @@ the SIP messages sipp received, and the events the browser got.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import time
 
 import pytest
@@ -57,16 +59,41 @@ async def test_busy_phone_gives_hangup_486(gateway, tmp_path):
         await phone.wait_for(lambda r: r.acks == 1, timeout=5)
 
 
-async def test_unreachable_target_gives_408_in_bounded_time(gateway):
-    # Nothing listens on this port: no response ever comes (invite_timeout = 3 s).
+async def test_closed_target_port_ends_the_call_within_two_seconds(gateway):
+    # Nothing listens on this port: the host answers with ICMP port unreachable,
+    # which the gateway's probe hears long before the invite timeout (3 s here).
     async with WebClient(gateway.url) as client:
-        start = time.monotonic()
         call = await client.establish("c1", f"sipp{free_port(2)}")
+        await client.wait_event(call, "answer")
+        start = time.monotonic()
         hangup = await client.wait_event(call, "hangup", timeout=10)
         elapsed = time.monotonic() - start
-        assert hangup["code"] == 408
-        assert hangup["by"] == "gateway"
-        assert elapsed < 8, elapsed
+        assert hangup["outcome"] == "target_unreachable", hangup
+        assert (hangup["code"], hangup["by"]) == (503, "gateway")
+        assert elapsed < 2.5, elapsed  # ICE set-up (tens of ms) + the probe's 2 s bound
+
+
+async def test_blackholed_target_gives_408_at_the_invite_timeout(gateway):
+    # A socket that swallows every datagram: no response and no ICMP either.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as hole:
+        hole.bind(("127.0.0.1", 0))
+        async with WebClient(gateway.url) as client:
+            call = await client.establish("c1", f"sipp{hole.getsockname()[1]}")
+            await client.wait_event(call, "answer")
+            start = time.monotonic()
+            hangup = await client.wait_event(call, "hangup", timeout=10)
+            elapsed = time.monotonic() - start
+            assert hangup["outcome"] == "invite_timeout", hangup
+            assert (hangup["code"], hangup["by"]) == (408, "gateway")
+            assert 2.5 < elapsed < 5, elapsed  # sip.invite_timeout = 3 s
+            hole.setblocking(False)
+            invites = []
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    invites.append(hole.recv(65536))
+            # The INVITE (and its retransmissions) and the probe's keep-alives.
+            assert any(d.startswith(b"INVITE sip:phone@127.0.0.1") for d in invites), invites
+            assert set(invites) - {b"\r\n\r\n"}
 
 
 async def test_phone_hangs_up_with_bye(gateway, tmp_path):

@@ -282,8 +282,8 @@ def test_a_closed_connection_ends_its_calls_silently(manager, pool):
     manager.place(other, "b", "echo", "offer", None)
     manager.disconnect(owner)
     (end,) = pool.ends()
-    assert end.ending is None  # the SIP leg's own local result
-    manager.on_worker_message(pool.workers[0], CallEnded(end.key, ending(End.LOCAL_CANCEL)))
+    assert end.ending == ending(End.WEBSOCKET_CLOSED)  # counted apart from hangups
+    manager.on_worker_message(pool.workers[0], CallEnded(end.key, end.ending))
     assert owner.heard == []  # nobody is listening
     assert manager.active == 1
 

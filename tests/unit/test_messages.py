@@ -128,12 +128,13 @@ def test_encode_leaves_out_none():
         "code": "busy",
         "message": "full",
     }
-    assert json.loads(encode(HangupEvent("c1", 486, "Busy Here", "remote"))) == {
+    assert json.loads(encode(HangupEvent("c1", 486, "Busy Here", "remote", "remote_reject"))) == {
         "type": "hangup",
         "call": "c1",
         "code": 486,
         "reason": "Busy Here",
         "by": "remote",
+        "outcome": "remote_reject",
     }
     assert json.loads(encode(Accepted("c1", {"webrtc": "opus/48000", "sip": "PCMU/8000"})))[
         "codecs"

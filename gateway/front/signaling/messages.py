@@ -134,6 +134,8 @@ class HangupEvent:
     code: int
     reason: str
     by: str
+    #: The machine-readable ending: a row label of ``gateway.outcomes`` (``ice_failed``).
+    outcome: str
     id: str | None = None
 
 

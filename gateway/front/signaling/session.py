@@ -256,7 +256,9 @@ class Session:
         self.send(Accepted(call_id, {"webrtc": webrtc_codec, "sip": sip_codec}))
 
     def call_ended(self, call_id: str, result: Ending, request_id: str | None) -> None:
-        self.send(HangupEvent(call_id, result.code, result.reason, result.by, id=request_id))
+        self.send(
+            HangupEvent(call_id, result.code, result.reason, result.by, result.label, request_id)
+        )
 
     def call_refused(
         self, call_id: str, refusal: Refusal, message: str, request_id: str | None
@@ -270,12 +272,15 @@ def websocket_handler(
     ice_servers: tuple[IceServer, ...],
     max_message_bytes: int,
     sessions_key: web.AppKey[set[Session]],
+    heartbeat: float = 15.0,
 ) -> Callable[[web.Request], Awaitable[web.WebSocketResponse]]:
     """Build the ``/ws`` handler for an app."""
 
     async def handle(request: web.Request) -> web.WebSocketResponse:
+        # A ping every ``heartbeat`` seconds; aiohttp closes the connection when
+        # its pong is missing half an interval later, and the session's calls end.
         ws = web.WebSocketResponse(
-            heartbeat=30.0, max_msg_size=max_message_bytes * HARD_LIMIT_FACTOR
+            heartbeat=heartbeat, max_msg_size=max_message_bytes * HARD_LIMIT_FACTOR
         )
         await ws.prepare(request)
         app = request.app

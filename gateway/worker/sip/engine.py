@@ -41,6 +41,7 @@ from .events import (
     SipDisconnected,
     SipEvent,
     SipFailed,
+    SipMediaTimeout,
     SipProgress,
     SipReleased,
 )
@@ -51,6 +52,20 @@ logger = logging.getLogger(__name__)
 
 #: How long one ``libHandleEvents`` call may block, in ms (bounds command latency).
 POLL_MS = 10
+
+#: How often answered calls are checked for incoming RTP, in seconds.
+RTP_CHECK_INTERVAL = 1.0
+
+#: ``sip.session_timers`` values as pjsua knows them.
+_TIMER_USE = {
+    "off": pj.PJSUA_SIP_TIMER_INACTIVE,
+    "optional": pj.PJSUA_SIP_TIMER_OPTIONAL,
+    "required": pj.PJSUA_SIP_TIMER_REQUIRED,
+    "always": pj.PJSUA_SIP_TIMER_ALWAYS,
+}
+
+#: Media states in which the call's conference port carries audio to or from us.
+_CONNECTED_STATES = (pj.PJSUA_CALL_MEDIA_ACTIVE, pj.PJSUA_CALL_MEDIA_REMOTE_HOLD)
 
 #: Static-payload codec names as pjsua2 knows them.
 _CODEC_IDS = {"PCMU": "PCMU/8000/1", "PCMA": "PCMA/8000/1", "G722": "G722/16000/1"}
@@ -208,7 +223,15 @@ class _OutgoingCall(pj.Call):  # type: ignore[misc]
         self.sent = False
         self.hangup_pending = False
         self.codec = ""
-        self.connected_media: list[Any] = []
+        #: The call's conference ports connected to the bridge port, by port id.
+        self.connected_media: dict[int, Any] = {}
+        self.confirmed = False
+        #: Active audio that we decode (not on hold, not inactive): watched for RTP.
+        self.receiving = False
+        self.media_index = -1
+        self.rx_packets = -1
+        self.rx_since = time.monotonic()
+        self.media_timed_out = False
         self.invite: Dialog | None = None
         self.dialog: Dialog | None = None
         #: pjsua's call id, kept at DISCONNECTED: the slot may outlive the call.
@@ -222,6 +245,8 @@ class _OutgoingCall(pj.Call):  # type: ignore[misc]
         elif state == pj.PJSIP_INV_STATE_EARLY:
             self.engine.emit(SipProgress(self.key, info.lastStatusCode, info.lastReason))
         elif state == pj.PJSIP_INV_STATE_CONFIRMED:
+            self.confirmed = True
+            self.rx_since = time.monotonic()
             self.engine.emit(SipAnswered(self.key, self.codec))
         elif state == pj.PJSIP_INV_STATE_DISCONNECTED:
             self.slot = self.getId()
@@ -243,20 +268,49 @@ class _OutgoingCall(pj.Call):  # type: ignore[misc]
                 self.engine.emit(SipDialog(self.key, dialog))
 
     def onCallMediaState(self, prm: Any) -> None:
+        """Connect the call's audio to the bridge port, on every media change.
+
+        A re-INVITE (hold, resume, a new RTP address, another codec) may give the
+        call a new conference port, possibly with the id of the old one, so the
+        connections are made again each time: connecting twice is a no-op for
+        the conference bridge, skipping a "known" id left the audio silent.
+        """
         info = self.getInfo()
+        self.receiving = False
+        self.connected_media = {}
         for media in info.media:
-            if media.type != pj.PJMEDIA_TYPE_AUDIO:
+            if media.type != pj.PJMEDIA_TYPE_AUDIO or self.port is None:
                 continue
-            if media.status != pj.PJSUA_CALL_MEDIA_ACTIVE or self.port is None:
+            if media.status not in _CONNECTED_STATES:
                 continue
             audio = self.getAudioMedia(media.index)
-            if any(m.getPortId() == audio.getPortId() for m in self.connected_media):
-                continue
             audio.startTransmit(self.port)
             self.port.startTransmit(audio)
-            self.connected_media.append(audio)
+            self.connected_media[audio.getPortId()] = audio
             stream = self.getStreamInfo(media.index)
             self.codec = f"{stream.codecName}/{stream.codecClockRate}"
+            if media.status == pj.PJSUA_CALL_MEDIA_ACTIVE and media.dir & pj.PJMEDIA_DIR_DECODING:
+                self.receiving = True
+                self.media_index = media.index
+        # A media change restarts the inactivity clock (a resumed call gets a
+        # whole timeout to start sending again).
+        self.rx_packets = -1
+        self.rx_since = time.monotonic()
+
+    def check_rtp(self, now: float, timeout: float) -> bool:
+        """Whether RTP stopped arriving ``timeout`` seconds ago on active, receiving media."""
+        if not self.receiving or not self.confirmed or self.disconnected:
+            self.rx_since = now
+            return False
+        try:
+            packets = self.getStreamStat(self.media_index).rtcp.rxStat.pkt
+        except pj.Error:
+            return False
+        if packets != self.rx_packets:
+            self.rx_packets = packets
+            self.rx_since = now
+            return False
+        return now - self.rx_since >= timeout
 
 
 class SipEngine:
@@ -369,6 +423,11 @@ class SipEngine:
         # Use the first codec of the answer as it is: no UPDATE/re-INVITE to
         # "lock" it, which some PBXes and SBCs handle badly.
         config.mediaConfig.lockCodecEnabled = False
+        # RFC 4028: pjsip refreshes the session, handles 422 (raising Session-Expires
+        # to the far end's Min-SE) and ends the call when a refresh goes unanswered.
+        config.callConfig.timerUse = _TIMER_USE[sip.session_timers]
+        config.callConfig.timerSessExpiresSec = sip.session_expires
+        config.callConfig.timerMinSESec = sip.min_se
         self._account = _Account()
         self._account.create(config, True)
 
@@ -380,11 +439,16 @@ class SipEngine:
         # call slot as soon as it is free, and ~Call clears (and hangs up!) the
         # slot it last had, so a stale Call object must be gone before the next
         # makeCall can be given the same slot.
+        next_rtp_check = time.monotonic() + RTP_CHECK_INTERVAL
         while True:
             endpoint.libHandleEvents(POLL_MS)
             self._reap()
             self._hang_up_pending()
             self._refuse_unwanted()
+            now = time.monotonic()
+            if now >= next_rtp_check:
+                next_rtp_check = now + RTP_CHECK_INTERVAL
+                self._check_rtp(now)
             while True:
                 try:
                     command = self._commands.get_nowait()
@@ -394,6 +458,16 @@ class SipEngine:
                     return
                 self._handlers[type(command)](command)
                 self._reap()
+
+    def _check_rtp(self, now: float) -> None:
+        """Report calls whose far end stopped sending RTP (``calls.media_timeout``)."""
+        timeout = self.params.calls.media_timeout
+        if not timeout:
+            return
+        for call in self._calls.values():
+            if not call.media_timed_out and call.check_rtp(now, timeout):
+                call.media_timed_out = True
+                self.emit(SipMediaTimeout(call.key, timeout))
 
     def _make_call(self, command: _MakeCall) -> None:
         call = _OutgoingCall(self, self._account, command)
@@ -483,7 +557,7 @@ class SipEngine:
             return
         # A DISCONNECTED call's conference port is gone, and its connections with it:
         # disconnecting again only makes pjsua log PJ_EINVAL.
-        for audio in call.connected_media if not call.disconnected else ():
+        for audio in call.connected_media.values() if not call.disconnected else ():
             try:
                 audio.stopTransmit(port)
                 port.stopTransmit(audio)

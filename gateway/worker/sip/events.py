@@ -58,10 +58,26 @@ class SipDialog:
 
 
 @dataclass(frozen=True)
+class SipMediaTimeout:
+    """No RTP arrived from the far end for ``seconds`` while the media was active."""
+
+    key: int
+    seconds: float
+
+
+@dataclass(frozen=True)
 class SipReleased:
     """pjsua2 freed the call slot (after the end, possibly much later)."""
 
     key: int
 
 
-SipEvent = SipProgress | SipAnswered | SipDisconnected | SipFailed | SipDialog | SipReleased
+SipEvent = (
+    SipProgress
+    | SipAnswered
+    | SipDisconnected
+    | SipFailed
+    | SipDialog
+    | SipMediaTimeout
+    | SipReleased
+)

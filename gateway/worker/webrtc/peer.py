@@ -81,12 +81,18 @@ def _check_section(index: int, media: MediaDescription) -> None:
 
 
 class WebRtcLeg:
-    """Answers one browser offer and exposes the browser's audio track."""
+    """Answers one browser offer and watches the connection it leads to.
+
+    :meth:`connected` resolves once ICE and DTLS are both up, and fails if the
+    connection fails or closes first. After that, a loss of the connection (ICE
+    consent expired, DTLS closed by the browser, connection failed) is reported
+    once through ``on_lost``; closing it ourselves reports nothing.
+    """
 
     def __init__(
         self,
         ice_servers: Sequence[IceServer],
-        on_failed: Callable[[str], None],
+        on_lost: Callable[[str], None],
         loopback_only: bool = False,
     ) -> None:
         servers = [
@@ -95,11 +101,12 @@ class WebRtcLeg:
         ]
         # An explicit empty list: aiortc would otherwise add a public STUN server.
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=servers))
-        self._on_failed = on_failed
+        self._on_lost = on_lost
         self._loopback_only = loopback_only
-        self._remote_track: asyncio.Future[MediaStreamTrack] = (
-            asyncio.get_running_loop().create_future()
-        )
+        loop = asyncio.get_running_loop()
+        self._remote_track: asyncio.Future[MediaStreamTrack] = loop.create_future()
+        self._connected: asyncio.Future[None] = loop.create_future()
+        self._closing = False
         self.codec = ""
         self.pc.on("track", self._on_track)
         self.pc.on("connectionstatechange", self._on_state)
@@ -111,8 +118,24 @@ class WebRtcLeg:
     async def _on_state(self) -> None:
         state = self.pc.connectionState
         logger.debug("webrtc connection state %s", state)
-        if state == "failed":
-            self._on_failed("ICE connection failed")
+        if self._closing:
+            return
+        if state == "connected" and not self._connected.done():
+            self._connected.set_result(None)
+        elif state in ("failed", "closed"):
+            why = (
+                "ICE/DTLS connection failed" if state == "failed" else "DTLS closed by the browser"
+            )
+            if not self._connected.done():
+                self._connected.set_exception(ConnectionError(why))
+                self._connected.exception()  # retrieved: the caller may have stopped waiting
+            else:
+                self._closing = True  # report the loss once
+                self._on_lost(why)
+
+    async def connected(self) -> None:
+        """Wait until ICE and DTLS are connected; raises ``ConnectionError`` if they fail."""
+        await asyncio.shield(self._connected)
 
     async def answer(self, offer_sdp: str, outgoing: MediaStreamTrack) -> str:
         """Apply the browser's offer, attach ``outgoing`` and return the answer SDP."""
@@ -156,6 +179,10 @@ class WebRtcLeg:
         return await self._remote_track
 
     async def close(self) -> None:
+        self._closing = True
+        if not self._connected.done():
+            self._connected.set_exception(ConnectionError("closed"))
+            self._connected.exception()
         if not self._remote_track.done():
             self._remote_track.set_exception(MediaStreamError())
             self._remote_track.exception()  # mark retrieved
@@ -190,6 +217,18 @@ def loopback_candidates_only(sdp: str) -> str:
                 continue
         kept.append(line)
     return "".join(kept)
+
+
+def set_consent_timeout(seconds: float) -> None:
+    """Declare the browser's connection lost after ``seconds`` of failed consent checks.
+
+    aioice checks consent (RFC 7675) every ``CONSENT_INTERVAL`` seconds (with
+    ±20 % jitter) and closes the connection after ``CONSENT_FAILURES`` misses in
+    a row; the two are process-wide, so this sets the interval for the process.
+    """
+    import aioice.ice
+
+    aioice.ice.CONSENT_INTERVAL = seconds / aioice.ice.CONSENT_FAILURES  # type: ignore[assignment]
 
 
 def restrict_host_addresses(addresses: Sequence[str]) -> None:
