@@ -286,6 +286,7 @@ class BridgedCall:
             self._send(CallAccepted(self.key, codec, event.codec))
 
     def _on_disconnected(self, event: SipDisconnected) -> None:
+        logger.debug("call %s: SIP leg ended: %s %s", self.key, event.code, event.reason)
         if self.state in _LIVE:
             answered = self.state is State.ANSWERED
             self._finish(sip_disconnected(event.code, event.reason, answered=answered))

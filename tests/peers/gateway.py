@@ -59,9 +59,23 @@ target = "sip:phone@127.0.0.1:{{port}}"
 """
 
 
-def make_config(http_port: int, workers: int = 2) -> str:
-    """The test dialplan: echo/tone embedded, ``sipp<port>`` to a phone, ``blocked*`` rejected."""
-    return TEST_CONFIG.format(http_port=http_port, workers=workers)
+def make_config(
+    http_port: int, workers: int = 2, settings: dict[str, dict[str, object]] | None = None
+) -> str:
+    """The test dialplan: echo/tone embedded, ``sipp<port>`` to a phone, ``blocked*`` rejected.
+
+    ``settings`` adds keys to sections (``{"calls": {"media_timeout": 3.0}}``); a
+    section the test config lacks is appended.
+    """
+    text = TEST_CONFIG.format(http_port=http_port, workers=workers)
+    for section, values in (settings or {}).items():
+        lines = "".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items())
+        header = f"[{section}]\n"
+        if header in text:
+            text = text.replace(header, header + lines, 1)
+        else:
+            text = header + lines + "\n" + text
+    return text
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:

@@ -21,6 +21,14 @@ Modes (scenario files in ``tests/peers/scenarios/``):
     100, then 486 Busy Here; receives the ACK.
 ``ring``
     100, 180 and never answers; on CANCEL: 200 (CANCEL), 487 (INVITE), ACK.
+``late``
+    like ``echo``, but rings ``answer_after_ms`` (45 s) before the 200.
+``timer_ignore``
+    200 with ``Session-Expires: 90;refresher=uac`` (re-INVITE refreshes); never
+    answers the refresh; answers BYE.
+``timer_422``
+    422 (``Min-SE: 120``) to the first INVITE, then answers the retry with the
+    Session-Expires it carries (refresher uas).
 ``tone``
     100, 200 + SDP (PCMU only); after the ACK streams a steady ``tone_hz``
     tone (PCMU, 20 ms packets) to the RTP address of the caller's SDP, until
@@ -54,12 +62,22 @@ from types import TracebackType
 
 import numpy as np
 
-MODES = ("echo", "busy", "bye", "ring", "answer_wait_bye", "tone")
+MODES = (
+    "echo",
+    "busy",
+    "bye",
+    "ring",
+    "answer_wait_bye",
+    "tone",
+    "late",
+    "timer_ignore",
+    "timer_422",
+)
 SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
 HOST = "127.0.0.1"
 
 # Modes that echo RTP (sipp binds -mp and -mp+2 for the echo).
-_ECHO_MODES = {"echo", "bye", "answer_wait_bye"}
+_ECHO_MODES = {"echo", "bye", "answer_wait_bye", "late", "timer_ignore", "timer_422"}
 _TONE_FILE = "tone.ulaw"
 _START_TIMEOUT_S = 10.0
 _TERM_GRACE_S = 2.0
@@ -393,6 +411,7 @@ class SippPhone:
         *,
         calls: int = 1,
         bye_after_ms: int = 1500,
+        answer_after_ms: int = 45000,
         tone_hz: float = 1000.0,
         max_lifetime_s: float = 600.0,
     ) -> None:
@@ -408,6 +427,7 @@ class SippPhone:
         self.mode = mode
         self.calls = max(1, int(calls))
         self.bye_after_ms = int(bye_after_ms)
+        self.answer_after_ms = int(answer_after_ms)
         self.tone_hz = float(tone_hz)
         self.max_lifetime_s = float(max_lifetime_s)
         self.tmp_path = Path(tmp_path)
@@ -461,6 +481,7 @@ class SippPhone:
     def _render_scenario(self) -> None:
         text = (SCENARIO_DIR / f"{self.mode}.xml").read_text()
         text = text.replace("@BYE_AFTER_MS@", str(max(1, self.bye_after_ms)))
+        text = text.replace("@ANSWER_AFTER_MS@", str(max(1, self.answer_after_ms)))
         text = text.replace("@TONE_FILE@", _TONE_FILE)
         self.scenario_path.write_text(text)
         if self.mode == "tone":

@@ -118,8 +118,10 @@ class ClientCall:
 class WebClient:
     """One WebSocket connection to the gateway, with any number of calls."""
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, autoping: bool = True) -> None:
         self.base_url = base_url.rstrip("/")
+        #: False: never answer the gateway's WebSocket pings (a silently dead client).
+        self.autoping = autoping
         self.session: aiohttp.ClientSession | None = None
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.messages: list[dict[str, Any]] = []
@@ -136,7 +138,7 @@ class WebClient:
 
     async def connect(self) -> None:
         self.session = aiohttp.ClientSession()
-        self.ws = await self.session.ws_connect(f"{self.base_url}/ws")
+        self.ws = await self.session.ws_connect(f"{self.base_url}/ws", autoping=self.autoping)
         self._reader = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
