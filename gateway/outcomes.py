@@ -104,10 +104,19 @@ def ending(kind: End, code: int = 0, reason: str = "") -> Ending:
     return Ending(kind, row.code or code, reason or row.reason)
 
 
+#: Final codes of an in-dialog request (RFC 5057) on which pjsip ends an answered call.
+SESSION_LOST_CODES = (408, 481)
+
+
 def sip_disconnected(code: int, reason: str, *, answered: bool) -> Ending:
     """The ending of a SIP leg that the far end (or the network) ended."""
     if code == 0:
         return ending(End.TRANSPORT_ERROR, reason=reason)
+    if answered and code in SESSION_LOST_CODES:
+        # pjsip itself sent BYE (Reason: SIP;cause=408): the session refresh went
+        # unanswered (408) or the far end no longer knew the dialog (481), or the
+        # far end stopped refreshing and the session expired.
+        return ending(End.SESSION_EXPIRED, reason=f"Session timer expired ({code} {reason})")
     if answered or code == 200:
         return ending(End.REMOTE_BYE)
     return ending(End.REMOTE_REJECT, code, reason or f"SIP {code}")

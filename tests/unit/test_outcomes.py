@@ -51,6 +51,22 @@ CASES = [
         "remote_reject",
     ),
     (
+        "refresh-unanswered",
+        sip_disconnected(408, "Request Timeout", answered=True),
+        408,
+        "Session timer expired (408 Request Timeout)",
+        "gateway",
+        "session_expired",
+    ),
+    (
+        "408-before-answer-is-the-phones",
+        sip_disconnected(408, "Request Timeout", answered=False),
+        408,
+        "Request Timeout",
+        "remote",
+        "remote_reject",
+    ),
+    (
         "transport",
         sip_disconnected(0, "", answered=False),
         500,
