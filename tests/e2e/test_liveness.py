@@ -73,6 +73,7 @@ async def hangup_within(
     start = time.monotonic()
     hangup = await client.wait_event(call, "hangup", timeout=high + 5)
     elapsed = time.monotonic() - start
+    print(f"detected: {hangup.get('outcome')} after {elapsed:.2f} s (window {low}-{high} s)")
     assert low <= elapsed <= high, (elapsed, hangup)
     return hangup
 
@@ -106,9 +107,7 @@ async def test_client_that_never_nominates_gets_ice_failed(strict, tmp_path):
         assert (await phone.report()).invites == 0
 
 
-async def test_trickle_offer_without_candidates_or_end_of_candidates_is_bounded(
-    strict, tmp_path
-):
+async def test_trickle_offer_without_candidates_or_end_of_candidates_is_bounded(strict, tmp_path):
     from test_hostile_corpus import chromium_offer
 
     offer = await chromium_offer()  # Chromium's pc is gone: whatever it offered is dead
