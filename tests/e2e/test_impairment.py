@@ -144,6 +144,10 @@ def test_calls_survive_loss_and_jitter_on_the_sip_media_path(tmp_path):
     tones, samples = result["tones"], result["samples"]
     print(f"impairment run: {time.monotonic() - started:.1f} s; nft {result['nft']}")
     print(f"relays {result['relays']}")
+    for where in ("browser_echo", "phone_echo", "browser_tone", "phone_tone"):
+        hz = [sample[where]["hz"] for sample in samples]
+        rms = [sample[where]["rms"] for sample in samples]
+        print(f"{where}: {min(hz)}-{max(hz)} Hz, RMS {min(rms)}-{max(rms)}")
 
     # ~10 s of impaired audio and nothing tore down: the only events are set-up ones,
     # and each call ended when the browser hung up.
