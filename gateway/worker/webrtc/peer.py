@@ -220,15 +220,19 @@ def loopback_candidates_only(sdp: str) -> str:
 
 
 def set_consent_timeout(seconds: float) -> None:
-    """Declare the browser's connection lost after ``seconds`` of failed consent checks.
+    """Declare the browser's connection lost after about ``seconds`` without consent.
 
     aioice checks consent (RFC 7675) every ``CONSENT_INTERVAL`` seconds (with
-    ±20 % jitter) and closes the connection after ``CONSENT_FAILURES`` misses in
-    a row; the two are process-wide, so this sets the interval for the process.
+    ±20 % jitter), gives each check one STUN timeout (``RETRY_RTO``) and closes
+    the connection after ``CONSENT_FAILURES`` misses in a row. The three are
+    process-wide; this sets the interval so that the misses add up to ``seconds``.
     """
     import aioice.ice
+    import aioice.stun
 
-    aioice.ice.CONSENT_INTERVAL = seconds / aioice.ice.CONSENT_FAILURES  # type: ignore[assignment]
+    per_check = seconds / aioice.ice.CONSENT_FAILURES
+    interval = max(0.5, per_check - aioice.stun.RETRY_RTO)
+    aioice.ice.CONSENT_INTERVAL = interval  # type: ignore[assignment]
 
 
 def restrict_host_addresses(addresses: Sequence[str]) -> None:
