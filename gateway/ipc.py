@@ -103,6 +103,20 @@ class EndCall:
 
 
 @dataclass(frozen=True)
+class ControlCall:
+    """An in-call request of the browser: ``hold``, ``unhold`` or ``dtmf``.
+
+    ``request_id`` comes back in the event or error it leads to.
+    """
+
+    key: int
+    action: str
+    digits: str = ""
+    method: str = ""
+    request_id: str | None = None
+
+
+@dataclass(frozen=True)
 class Shutdown:
     """Hang up every call and exit."""
 
@@ -197,13 +211,43 @@ class CallDialog:
 
 
 @dataclass(frozen=True)
+class CallHold:
+    """Call ``key`` went on hold (``held``) or came back; ``by`` is local or remote."""
+
+    key: int
+    held: bool
+    by: str
+    request_id: str | None = None
+
+
+@dataclass(frozen=True)
+class CallDtmf:
+    """A DTMF digit from the SIP side (``method`` ``rfc4733`` or ``info``, duration in ms)."""
+
+    key: int
+    digit: str
+    method: str
+    duration: int
+
+
+@dataclass(frozen=True)
+class CallControlFailed:
+    """A :class:`ControlCall` could not be carried out: an ``error`` for the browser."""
+
+    key: int
+    error: str
+    message: str
+    request_id: str | None = None
+
+
+@dataclass(frozen=True)
 class CallReleased:
     """Every resource of call ``key`` is freed; its worker slot may be reused."""
 
     key: int
 
 
-ToWorker = StartCall | EndCall | Shutdown
+ToWorker = StartCall | EndCall | ControlCall | Shutdown
 ToTargets = Shutdown
 FromWorker = (
     WorkerReady
@@ -214,6 +258,9 @@ FromWorker = (
     | CallAccepted
     | CallEnded
     | CallDialog
+    | CallHold
+    | CallDtmf
+    | CallControlFailed
     | CallReleased
 )
 

@@ -24,11 +24,15 @@ from dialplan import Action, InvalidNumber, Rule, route
 from gateway.ipc import (
     CallAccepted,
     CallAnswer,
+    CallControlFailed,
     CallDialog,
+    CallDtmf,
     CallEnded,
+    CallHold,
     CallProgress,
     CallRefused,
     CallReleased,
+    ControlCall,
     Dialog,
     EndCall,
     FromWorker,
@@ -94,6 +98,18 @@ class CallOwner(Protocol):
     def call_refused(
         self, call_id: str, refusal: Refusal, message: str, request_id: str | None
     ) -> None: ...
+
+    def call_held(self, call_id: str, held: bool, by: str, request_id: str | None) -> None: ...
+
+    def call_dtmf(self, call_id: str, digit: str, method: str, duration: int) -> None: ...
+
+    def call_control_failed(
+        self, call_id: str, error: str, message: str, request_id: str | None
+    ) -> None: ...
+
+
+class NotAnswered(RuntimeError):
+    """The call is not answered (or is ending): hold and DTMF must wait."""
 
 
 class UnknownCall(LookupError):
@@ -182,6 +198,9 @@ class CallManager(Generic[W]):
             CallRefused: self._on_refused,
             CallEnded: self._on_ended,
             CallDialog: self._on_dialog,
+            CallHold: self._on_hold,
+            CallDtmf: self._on_dtmf,
+            CallControlFailed: self._on_control_failed,
             CallReleased: self._on_released,
         }
 
@@ -311,6 +330,27 @@ class CallManager(Generic[W]):
         call.hangup_request_id = request_id
         self._pool.send(call.worker, EndCall(call.key))
 
+    def control(
+        self,
+        owner: CallOwner,
+        call_id: str,
+        action: str,
+        request_id: str | None,
+        digits: str = "",
+        method: str = "",
+    ) -> None:
+        """Pass an in-call request (hold, unhold, dtmf) to the call's worker.
+
+        Raises :class:`UnknownCall` or :class:`NotAnswered`.
+        """
+        owned = self._owners.get(owner)
+        call = owned.live.get(call_id) if owned else None
+        if call is None:
+            raise UnknownCall(call_id)
+        if call.state is not CallState.CONNECTED:
+            raise NotAnswered(call_id)
+        self._pool.send(call.worker, ControlCall(call.key, action, digits, method, request_id))
+
     def disconnect(self, owner: CallOwner) -> None:
         """The owner's connection closed: end all its calls; nobody hears the events."""
         owned = self._owners.pop(owner, None)
@@ -402,6 +442,23 @@ class CallManager(Generic[W]):
         call = self._calls.get(message.key)
         if call is not None:
             call.dialog = message.dialog
+
+    def _on_hold(self, worker: W, message: CallHold) -> None:
+        call = self._calls.get(message.key)
+        if call is not None and self._listening(call):
+            call.owner.call_held(call.call_id, message.held, message.by, message.request_id)
+
+    def _on_dtmf(self, worker: W, message: CallDtmf) -> None:
+        call = self._calls.get(message.key)
+        if call is not None and self._listening(call):
+            call.owner.call_dtmf(call.call_id, message.digit, message.method, message.duration)
+
+    def _on_control_failed(self, worker: W, message: CallControlFailed) -> None:
+        call = self._calls.get(message.key)
+        if call is not None and self._listening(call):
+            call.owner.call_control_failed(
+                call.call_id, message.error, message.message, message.request_id
+            )
 
     def _on_released(self, worker: W, message: CallReleased) -> None:
         self._pool.release(worker, message.key)

@@ -21,11 +21,15 @@ from typing import Any
 from gateway.ipc import (
     CallAccepted,
     CallAnswer,
+    CallControlFailed,
     CallDialog,
+    CallDtmf,
     CallEnded,
+    CallHold,
     CallProgress,
     CallRefused,
     CallReleased,
+    ControlCall,
     FromWorker,
     WorkerParams,
 )
@@ -34,10 +38,13 @@ from gateway.worker.media.bridge import MediaBridge
 from gateway.worker.sip.engine import SipEngine
 from gateway.worker.sip.events import (
     SipAnswered,
+    SipControlFailed,
     SipDialog,
     SipDisconnected,
+    SipDtmf,
     SipEvent,
     SipFailed,
+    SipHold,
     SipMediaTimeout,
     SipProgress,
     SipReleased,
@@ -103,6 +110,8 @@ class BridgedCall:
         self._sip_released = True  # until an INVITE goes out
         self._media_closed = False
         self._tasks: set[asyncio.Task[None]] = set()
+        #: The browser's request ids of pending hold/unhold/dtmf requests, by action.
+        self._requests: dict[str, str | None] = {}
         self._handlers: dict[type[SipEvent], Callable[[Any], None]] = {
             SipProgress: self._on_progress,
             SipAnswered: self._on_answered,
@@ -110,6 +119,9 @@ class BridgedCall:
             SipFailed: self._on_failed,
             SipDialog: self._on_dialog,
             SipMediaTimeout: self._on_sip_media_timeout,
+            SipHold: self._on_hold,
+            SipDtmf: self._on_dtmf,
+            SipControlFailed: self._on_control_failed,
             SipReleased: self._on_released_by_sip,
         }
 
@@ -201,6 +213,21 @@ class BridgedCall:
         self._finish(override or local_hangup(answered=self.state is State.ANSWERED))
         if placed:
             self._engine.hangup(self.key)
+
+    def control(self, request: ControlCall) -> None:
+        """A browser's in-call request: hold, unhold, or DTMF digits."""
+        if self.state is not State.ANSWERED:
+            self._send(
+                CallControlFailed(
+                    self.key, "wrong_state", "the call is not answered", request.request_id
+                )
+            )
+            return
+        self._requests[request.action] = request.request_id
+        if request.action == "dtmf":
+            self._engine.send_dtmf(self.key, request.digits, request.method)
+        else:
+            self._engine.hold(self.key, request.action == "hold")
 
     # --- timers -------------------------------------------------------------------
 
@@ -303,6 +330,21 @@ class BridgedCall:
         if self.state is State.ANSWERED:
             reason = f"Media timeout: no RTP from the SIP side for {event.seconds:g} s"
             self.hangup(ending(End.MEDIA_TIMEOUT, reason=reason))
+
+    def _on_hold(self, event: SipHold) -> None:
+        if self.state is State.ANSWERED:
+            action = "hold" if event.held else "unhold"
+            request_id = self._requests.pop(action, None) if event.by == "local" else None
+            self._send(CallHold(self.key, event.held, event.by, request_id))
+
+    def _on_dtmf(self, event: SipDtmf) -> None:
+        if self.state is State.ANSWERED:
+            self._send(CallDtmf(self.key, event.digit, event.method, event.duration))
+
+    def _on_control_failed(self, event: SipControlFailed) -> None:
+        if self.state is State.ANSWERED:
+            request_id = self._requests.pop(event.action, None)
+            self._send(CallControlFailed(self.key, "unavailable", event.message, request_id))
 
     def _on_released_by_sip(self, event: SipReleased) -> None:
         self._sip_released = True

@@ -22,6 +22,7 @@ from typing import Any
 from gateway.ipc import (
     CallReleased,
     Channel,
+    ControlCall,
     EndCall,
     FromWorker,
     Shutdown,
@@ -77,6 +78,7 @@ class Worker:
         self._handlers: dict[type[ToWorker], Callable[[Any], None]] = {
             StartCall: self._on_start_call,
             EndCall: self._on_end_call,
+            ControlCall: self._on_control_call,
         }
         addresses = params.ice_addresses
         self._loopback_only = bool(addresses) and all(
@@ -138,6 +140,11 @@ class Worker:
         call = self._calls.get(message.key)
         if call is not None:
             call.hangup(message.ending)
+
+    def _on_control_call(self, message: ControlCall) -> None:
+        call = self._calls.get(message.key)
+        if call is not None:
+            call.control(message)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)

@@ -29,6 +29,11 @@ Modes (scenario files in ``tests/peers/scenarios/``):
 ``timer_422``
     422 (``Min-SE: 120``) to the first INVITE, then answers the retry with the
     Session-Expires it carries (refresher uas).
+``dtmf``
+    like ``echo`` with telephone-event on payload type ``dtmf_pt`` (120, what
+    pjsua offers) and the SDP's RTP port ``rtp_port`` (default: sipp's echo
+    port, a test may listen there itself); 1.5 s after the ACK
+    sends INFO digit 7 (dtmf-relay), then an INFO with a text/plain body.
 ``tone``
     100, 200 + SDP (PCMU only); after the ACK streams a steady ``tone_hz``
     tone (PCMU, 20 ms packets) to the RTP address of the caller's SDP, until
@@ -72,12 +77,13 @@ MODES = (
     "late",
     "timer_ignore",
     "timer_422",
+    "dtmf",
 )
 SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
 HOST = "127.0.0.1"
 
 # Modes that echo RTP (sipp binds -mp and -mp+2 for the echo).
-_ECHO_MODES = {"echo", "bye", "answer_wait_bye", "late", "timer_ignore", "timer_422"}
+_ECHO_MODES = {"echo", "bye", "answer_wait_bye", "late", "timer_ignore", "timer_422", "dtmf"}
 _TONE_FILE = "tone.ulaw"
 _START_TIMEOUT_S = 10.0
 _TERM_GRACE_S = 2.0
@@ -412,6 +418,8 @@ class SippPhone:
         calls: int = 1,
         bye_after_ms: int = 1500,
         answer_after_ms: int = 45000,
+        dtmf_pt: int = 120,
+        rtp_port: int | None = None,
         tone_hz: float = 1000.0,
         max_lifetime_s: float = 600.0,
     ) -> None:
@@ -428,6 +436,8 @@ class SippPhone:
         self.calls = max(1, int(calls))
         self.bye_after_ms = int(bye_after_ms)
         self.answer_after_ms = int(answer_after_ms)
+        self.dtmf_pt = int(dtmf_pt)
+        self.rtp_port = rtp_port
         self.tone_hz = float(tone_hz)
         self.max_lifetime_s = float(max_lifetime_s)
         self.tmp_path = Path(tmp_path)
@@ -482,6 +492,8 @@ class SippPhone:
         text = (SCENARIO_DIR / f"{self.mode}.xml").read_text()
         text = text.replace("@BYE_AFTER_MS@", str(max(1, self.bye_after_ms)))
         text = text.replace("@ANSWER_AFTER_MS@", str(max(1, self.answer_after_ms)))
+        text = text.replace("@DTMF_PT@", str(self.dtmf_pt))
+        text = text.replace("@RTP_PORT@", str(self.rtp_port or "[media_port]"))
         text = text.replace("@TONE_FILE@", _TONE_FILE)
         self.scenario_path.write_text(text)
         if self.mode == "tone":

@@ -81,7 +81,29 @@ class Ping:
     id: str | None = None
 
 
-Request = Hello | Call | Hangup | Ping
+@dataclass(frozen=True)
+class Dtmf:
+    call: str
+    #: Upper-case, from ``0-9 * # A-D``.
+    digits: str
+    #: ``rfc4733`` (telephone-events in the RTP) or ``info`` (SIP INFO).
+    method: str = "rfc4733"
+    id: str | None = None
+
+
+@dataclass(frozen=True)
+class Hold:
+    call: str
+    id: str | None = None
+
+
+@dataclass(frozen=True)
+class Unhold:
+    call: str
+    id: str | None = None
+
+
+Request = Hello | Call | Hangup | Ping | Dtmf | Hold | Unhold
 
 
 # --- gateway -> client -------------------------------------------------------------
@@ -140,6 +162,31 @@ class HangupEvent:
 
 
 @dataclass(frozen=True)
+class Held:
+    type: ClassVar[str] = "held"
+    call: str
+    by: str
+    id: str | None = None
+
+
+@dataclass(frozen=True)
+class Resumed:
+    type: ClassVar[str] = "resumed"
+    call: str
+    by: str
+    id: str | None = None
+
+
+@dataclass(frozen=True)
+class DtmfEvent:
+    type: ClassVar[str] = "dtmf"
+    call: str
+    digit: str
+    method: str
+    duration: int | None = None
+
+
+@dataclass(frozen=True)
 class Pong:
     type: ClassVar[str] = "pong"
     id: str | None = None
@@ -158,7 +205,19 @@ class Error:
         return cls(exc.code, exc.message, exc.id, exc.call)
 
 
-Event = Welcome | Answer | Ringing | Progress | Accepted | HangupEvent | Pong | Error
+Event = (
+    Welcome
+    | Answer
+    | Ringing
+    | Progress
+    | Accepted
+    | HangupEvent
+    | Held
+    | Resumed
+    | DtmfEvent
+    | Pong
+    | Error
+)
 
 
 def encode(message: Event) -> str:
@@ -343,6 +402,40 @@ def _parse_ping(data: dict[str, Any], request_id: str | None) -> Ping:
     return Ping(id=request_id)
 
 
+#: Digits a ``dtmf`` request may carry (RFC 4733 events 0-15), at most 32 at once.
+_DIGITS = re.compile(r"[0-9A-Da-d*#]{1,32}")
+DTMF_METHODS = ("rfc4733", "info")
+
+
+def _parse_dtmf(data: dict[str, Any], request_id: str | None) -> Dtmf:
+    call = _call_id(data, request_id)
+    digits = _string(data, "digits", request_id, call=call)
+    if not _DIGITS.fullmatch(digits):
+        raise ProtocolError(
+            "bad_request",
+            "dtmf: field 'digits' must be 1-32 of 0-9 * # A B C D",
+            id=request_id,
+            call=call,
+        )
+    method = data.get("method", "rfc4733")
+    if method not in DTMF_METHODS:
+        raise ProtocolError(
+            "bad_request",
+            "dtmf: field 'method' must be 'rfc4733' or 'info'",
+            id=request_id,
+            call=call,
+        )
+    return Dtmf(call=call, digits=digits.upper(), method=method, id=request_id)
+
+
+def _parse_hold(data: dict[str, Any], request_id: str | None) -> Hold:
+    return Hold(call=_call_id(data, request_id), id=request_id)
+
+
+def _parse_unhold(data: dict[str, Any], request_id: str | None) -> Unhold:
+    return Unhold(call=_call_id(data, request_id), id=request_id)
+
+
 def _json_type(value: object) -> str:
     names = {bool: "boolean", int: "number", float: "number", list: "array", dict: "object"}
     return names.get(type(value), type(value).__name__)
@@ -353,4 +446,7 @@ _PARSERS: dict[str, Callable[[dict[str, Any], str | None], Request]] = {
     "call": _parse_call,
     "hangup": _parse_hangup,
     "ping": _parse_ping,
+    "dtmf": _parse_dtmf,
+    "hold": _parse_hold,
+    "unhold": _parse_unhold,
 }

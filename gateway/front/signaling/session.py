@@ -22,7 +22,7 @@ from typing import Any
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from gateway.config import IceServer
-from gateway.front.calls import AlreadyEnding, CallManager, UnknownCall
+from gateway.front.calls import AlreadyEnding, CallManager, NotAnswered, UnknownCall
 from gateway.front.metrics import Metrics
 from gateway.limits import RateLimit, suppressed_note
 from gateway.outcomes import Ending, Refusal, Refused
@@ -32,17 +32,23 @@ from .messages import (
     Accepted,
     Answer,
     Call,
+    Dtmf,
+    DtmfEvent,
     Error,
     Event,
     Hangup,
     HangupEvent,
+    Held,
     Hello,
+    Hold,
     Ping,
     Pong,
     Progress,
     ProtocolError,
     Request,
+    Resumed,
     Ringing,
+    Unhold,
     Welcome,
     encode,
     parse,
@@ -93,6 +99,9 @@ class Session:
             Call: self._on_call,
             Hangup: self._on_hangup,
             Ping: self._on_ping,
+            Dtmf: self._on_dtmf,
+            Hold: self._on_hold,
+            Unhold: self._on_unhold,
         }
 
     def send(self, event: Event) -> None:
@@ -243,6 +252,35 @@ class Session:
     def _on_ping(self, request: Ping) -> None:
         self.send(Pong(id=request.id))
 
+    def _on_dtmf(self, request: Dtmf) -> None:
+        self._control("dtmf", request.call, request.id, request.digits, request.method)
+
+    def _on_hold(self, request: Hold) -> None:
+        self._control("hold", request.call, request.id)
+
+    def _on_unhold(self, request: Unhold) -> None:
+        self._control("unhold", request.call, request.id)
+
+    def _control(
+        self, action: str, call_id: str, request_id: str | None, digits: str = "", method: str = ""
+    ) -> None:
+        try:
+            self._manager.control(self, call_id, action, request_id, digits, method)
+        except UnknownCall:
+            raise ProtocolError(
+                "not_found",
+                f"{action}: no call {call_id!r} on this connection",
+                id=request_id,
+                call=call_id,
+            ) from None
+        except NotAnswered:
+            raise ProtocolError(
+                "wrong_state",
+                f"{action}: call {call_id!r} is not answered (or is ending)",
+                id=request_id,
+                call=call_id,
+            ) from None
+
     # --- the call manager's news, as wire messages ----------------------------------------
 
     def call_answered(self, call_id: str, sdp: str, request_id: str | None) -> None:
@@ -259,6 +297,17 @@ class Session:
         self.send(
             HangupEvent(call_id, result.code, result.reason, result.by, result.label, request_id)
         )
+
+    def call_held(self, call_id: str, held: bool, by: str, request_id: str | None) -> None:
+        self.send((Held if held else Resumed)(call_id, by, request_id))
+
+    def call_dtmf(self, call_id: str, digit: str, method: str, duration: int) -> None:
+        self.send(DtmfEvent(call_id, digit, method, duration or None))
+
+    def call_control_failed(
+        self, call_id: str, error: str, message: str, request_id: str | None
+    ) -> None:
+        self.send(Error(error, message, request_id, call_id))
 
     def call_refused(
         self, call_id: str, refusal: Refusal, message: str, request_id: str | None

@@ -37,10 +37,13 @@ from gateway.worker.media.frames import PTIME_MS, SAMPLE_RATE
 from .dialog import from_invite, with_response
 from .events import (
     SipAnswered,
+    SipControlFailed,
     SipDialog,
     SipDisconnected,
+    SipDtmf,
     SipEvent,
     SipFailed,
+    SipHold,
     SipMediaTimeout,
     SipProgress,
     SipReleased,
@@ -88,7 +91,33 @@ class _Hangup:
     key: int
 
 
-_Command = _MakeCall | _Hangup
+@dataclass(frozen=True)
+class _Hold:
+    key: int
+    hold: bool
+
+
+@dataclass(frozen=True)
+class _SendDtmf:
+    key: int
+    digits: str
+    method: str
+
+
+_Command = _MakeCall | _Hangup | _Hold | _SendDtmf
+
+#: DTMF methods as the protocol names them and as pjsua knows them.
+_DTMF_METHODS = {
+    "rfc4733": pj.PJSUA_DTMF_METHOD_RFC2833,
+    "info": pj.PJSUA_DTMF_METHOD_SIP_INFO,
+}
+_DTMF_NAMES = {value: name for name, value in _DTMF_METHODS.items()}
+#: ``pjmedia_stream_dtmf_event.flags``: the event's last packet (pjmedia/stream.h).
+_DTMF_IS_END = 1 << 1
+#: pjsua's "duration not known" (PJSUA_UNKNOWN_DTMF_DURATION, all bits set).
+_UNKNOWN_DURATION = 0xFFFFFFFF
+#: Duration of each digit sent, in ms (pjsua's default is 160).
+DTMF_DURATION_MS = 160
 
 
 @contextmanager
@@ -232,6 +261,8 @@ class _OutgoingCall(pj.Call):  # type: ignore[misc]
         self.rx_packets = -1
         self.rx_since = time.monotonic()
         self.media_timed_out = False
+        #: Who holds the call: "local", "remote" or "" (not held).
+        self.held = ""
         self.invite: Dialog | None = None
         self.dialog: Dialog | None = None
         #: pjsua's call id, kept at DISCONNECTED: the slot may outlive the call.
@@ -257,6 +288,10 @@ class _OutgoingCall(pj.Call):  # type: ignore[misc]
         """Keep the dialog's identity, so that the front can end it if this process dies."""
         event = prm.e.body.tsxState
         tsx = event.tsx
+        if tsx.method == "INFO" and tsx.role == pj.PJSIP_ROLE_UAS:
+            if tsx.state == pj.PJSIP_TSX_STATE_TRYING:
+                _refuse_unsupported_info(event.src.rdata)
+            return
         if tsx.method != "INVITE" or tsx.role != pj.PJSIP_ROLE_UAC:
             return
         if tsx.state == pj.PJSIP_TSX_STATE_CALLING:  # sent (again, after a challenge)
@@ -292,10 +327,46 @@ class _OutgoingCall(pj.Call):  # type: ignore[misc]
             if media.status == pj.PJSUA_CALL_MEDIA_ACTIVE and media.dir & pj.PJMEDIA_DIR_DECODING:
                 self.receiving = True
                 self.media_index = media.index
+        self._report_hold(info)
         # A media change restarts the inactivity clock (a resumed call gets a
         # whole timeout to start sending again).
         self.rx_packets = -1
         self.rx_since = time.monotonic()
+
+    def _report_hold(self, info: Any) -> None:
+        """Tell the call when its audio goes on hold or comes back, and by whom."""
+        statuses = [m.status for m in info.media if m.type == pj.PJMEDIA_TYPE_AUDIO]
+        if pj.PJSUA_CALL_MEDIA_LOCAL_HOLD in statuses:
+            held = "local"
+        elif pj.PJSUA_CALL_MEDIA_REMOTE_HOLD in statuses or (
+            # a=inactive from the far end: pjsua shows no active media at all
+            self.confirmed and statuses and pj.PJSUA_CALL_MEDIA_ACTIVE not in statuses
+        ):
+            held = "remote"
+        else:
+            held = ""
+        if held == self.held:
+            return
+        by = held or self.held
+        self.held = held
+        if self.confirmed:
+            self.engine.emit(SipHold(self.key, bool(held), by))
+
+    def onDtmfEvent(self, prm: Any) -> None:
+        """Digits from the far end: SIP INFO at once, RFC 4733 events at their end.
+
+        pjsua reports INFO digits here and again (without duration) through
+        ``onDtmfDigit``, which is left alone.
+        """
+        if prm.method == pj.PJSUA_DTMF_METHOD_RFC2833:
+            if prm.flags & _DTMF_IS_END:
+                self._emit_digit(prm.digit, "rfc4733", prm.duration)
+        else:
+            self._emit_digit(prm.digit, "info", prm.duration)
+
+    def _emit_digit(self, digit: Any, method: str, duration: int) -> None:
+        duration = duration if 0 <= duration < _UNKNOWN_DURATION else 0
+        self.engine.emit(SipDtmf(self.key, str(digit)[:1].upper(), method, int(duration)))
 
     def check_rtp(self, now: float, timeout: float) -> bool:
         """Whether RTP stopped arriving ``timeout`` seconds ago on active, receiving media."""
@@ -311,6 +382,30 @@ class _OutgoingCall(pj.Call):  # type: ignore[misc]
             self.rx_since = now
             return False
         return now - self.rx_since >= timeout
+
+
+#: INFO bodies pjsua understands (DTMF); any other gets 415 instead of pjsua's 500.
+_INFO_TYPES = ("application/dtmf-relay", "application/dtmf")
+
+
+def _refuse_unsupported_info(rdata: Any) -> None:
+    """Answer an in-dialog INFO whose body is not DTMF with 415 Unsupported Media Type.
+
+    pjsua answers such an INFO with 500 once the application has not; responding
+    here, inside the transaction's TRYING callback, comes first.
+    """
+    content_type = ""
+    for line in str(rdata.wholeMsg).split("\r\n\r\n", 1)[0].split("\r\n")[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() in ("content-type", "c"):
+            content_type = value.split(";", 1)[0].strip().lower()
+    if content_type in _INFO_TYPES:
+        return
+    lib = pjsua_library()
+    pointer = int(rdata.pjRxData)  # a SWIG void*
+    dialog = lib.pjsip_rdata_get_dlg(pointer)
+    if dialog:
+        lib.pjsip_dlg_respond(dialog, pointer, 415, None, None, None)
 
 
 class SipEngine:
@@ -329,6 +424,8 @@ class SipEngine:
         self._handlers: dict[type[_Command], Callable[[Any], None]] = {
             _MakeCall: self._make_call,
             _Hangup: self._hangup,
+            _Hold: self._hold,
+            _SendDtmf: self._send_dtmf,
         }
         self._account: Any = None
         self._guard: RequestGuard | None = None
@@ -368,6 +465,14 @@ class SipEngine:
     def hangup(self, key: int) -> None:
         """Queue a CANCEL or BYE for call ``key`` (no-op when it is already over)."""
         self._commands.put(_Hangup(key))
+
+    def hold(self, key: int, hold: bool) -> None:
+        """Queue a re-INVITE putting call ``key`` on hold (sendonly) or taking it off."""
+        self._commands.put(_Hold(key, hold))
+
+    def send_dtmf(self, key: int, digits: str, method: str) -> None:
+        """Queue ``digits`` for call ``key`` as RFC 4733 events or SIP INFO (``method``)."""
+        self._commands.put(_SendDtmf(key, digits, method))
 
     async def stop(self) -> None:
         """Hang up every call, destroy the Endpoint and join the thread."""
@@ -490,6 +595,42 @@ class SipEngine:
             self._send_hangup(call)
         else:
             call.hangup_pending = True  # sent by _hang_up_pending once the INVITE is out
+
+    def _hold(self, command: _Hold) -> None:
+        call = self._calls.get(command.key)
+        action = "hold" if command.hold else "unhold"
+        if call is None or call.disconnected or not call.confirmed:
+            self.emit(SipControlFailed(command.key, action, "the call is not connected"))
+            return
+        op = pj.CallOpParam(True)
+        try:
+            if command.hold:
+                call.setHold(op)
+            else:
+                op.opt.flag = pj.PJSUA_CALL_UNHOLD
+                call.reinvite(op)
+        except pj.Error as exc:
+            self.emit(SipControlFailed(command.key, action, f"{action} failed: {exc.reason}"))
+
+    def _send_dtmf(self, command: _SendDtmf) -> None:
+        call = self._calls.get(command.key)
+        if call is None or call.disconnected or not call.confirmed:
+            self.emit(SipControlFailed(command.key, "dtmf", "the call is not connected"))
+            return
+        param = pj.CallSendDtmfParam()
+        param.method = _DTMF_METHODS[command.method]
+        param.digits = command.digits
+        param.duration = DTMF_DURATION_MS
+        try:
+            call.sendDtmf(param)
+        except pj.Error as exc:
+            if command.method == "rfc4733":
+                message = (
+                    "the SIP side did not negotiate telephone-event (RFC 4733); try method 'info'"
+                )
+            else:
+                message = f"DTMF could not be sent: {exc.reason}"
+            self.emit(SipControlFailed(command.key, "dtmf", message))
 
     def _hang_up_pending(self) -> None:
         for call in self._calls.values():

@@ -66,6 +66,34 @@ class SipMediaTimeout:
 
 
 @dataclass(frozen=True)
+class SipHold:
+    """The call's media went on hold (``held``) or came back, by ``local`` or ``remote``."""
+
+    key: int
+    held: bool
+    by: str
+
+
+@dataclass(frozen=True)
+class SipDtmf:
+    """A digit from the far end: ``method`` is ``rfc4733`` or ``info``; duration in ms."""
+
+    key: int
+    digit: str
+    method: str
+    duration: int
+
+
+@dataclass(frozen=True)
+class SipControlFailed:
+    """A hold, unhold or DTMF request could not be carried out."""
+
+    key: int
+    action: str
+    message: str
+
+
+@dataclass(frozen=True)
 class SipReleased:
     """pjsua2 freed the call slot (after the end, possibly much later)."""
 
@@ -79,5 +107,8 @@ SipEvent = (
     | SipFailed
     | SipDialog
     | SipMediaTimeout
+    | SipHold
+    | SipDtmf
+    | SipControlFailed
     | SipReleased
 )

@@ -94,6 +94,9 @@ def pjsua_library() -> Any:
         [ctypes.c_void_p] * 2 + [ctypes.c_int] + [ctypes.c_void_p] * 3
     )
     lib.pjsip_endpt_register_module.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    lib.pjsip_rdata_get_dlg.argtypes = [ctypes.c_void_p]
+    lib.pjsip_rdata_get_dlg.restype = ctypes.c_void_p
+    lib.pjsip_dlg_respond.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] + [ctypes.c_void_p] * 3
     return lib
 
 
