@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import tomllib
 import types
 import typing
@@ -222,6 +223,68 @@ class EmbeddedConfig:
         _check_range("embedded.tone_hz", self.tone_hz, 50, 3900)
 
 
+@dataclass(frozen=True)
+class RegistrarConfig:
+    """The PBX or registrar browsers register to, through the gateway (softphone use)."""
+
+    #: Registrar URI (``sip:pbx.example.com`` or ``sip:192.0.2.10:5060``). Empty: no
+    #: registration; ``register`` requests get ``unavailable``.
+    uri: str = ""
+    #: Domain of the users' addresses of record (``sip:USER@DOMAIN``); empty: the
+    #: registrar URI's host.
+    domain: str = ""
+    #: Registration lifetime asked for, in seconds; pjsip refreshes before it ends
+    #: and honours a shorter one from the registrar.
+    expires: int = 300
+    #: Seconds an incoming call rings in the browser before it is refused with 480.
+    ring_timeout: float = 30.0
+
+    def validate(self) -> None:
+        if self.uri:
+            if not self.uri.startswith(("sip:", "sips:")) or not _plain(self.uri):
+                raise ConfigError(
+                    f"config: registrar.uri = {self.uri!r}: expected a sip: URI "
+                    "without spaces, quotes or angle brackets"
+                )
+        if self.domain and not _plain(self.domain):
+            raise ConfigError(f"config: registrar.domain = {self.domain!r} is not a host name")
+        _check_range("registrar.expires", self.expires, 60, 86400)
+        _check_range("registrar.ring_timeout", self.ring_timeout, 1.0, 600.0)
+
+    @property
+    def realm_domain(self) -> str:
+        """The users' domain: ``domain``, or the registrar URI's host."""
+        if self.domain:
+            return self.domain
+        hostport = self.uri.split(":", 1)[1].split(";", 1)[0].rsplit("@", 1)[-1]
+        if hostport.startswith("["):
+            return hostport.split("]", 1)[0] + "]"
+        return hostport.split(":", 1)[0]
+
+
+@dataclass(frozen=True)
+class AccountConfig:
+    """A server-side SIP account: the browser registers by user name, no password sent."""
+
+    user: str
+    #: The password itself, or (better) the environment variable holding it.
+    password: str = ""
+    password_env: str = ""
+    #: Digest user name when it differs from ``user``.
+    auth_user: str = ""
+    display_name: str = ""
+
+    def secret(self) -> str:
+        if self.password_env:
+            return os.environ.get(self.password_env, "")
+        return self.password
+
+
+def _plain(text: str) -> bool:
+    """No whitespace, quotes, angle brackets or control characters (safe in a SIP header)."""
+    return bool(text) and not any(c.isspace() or c in '"<>\\' or ord(c) < 32 for c in text)
+
+
 #: Routes used when the config has no ``[[dialplan.rules]]``: only the embedded targets.
 DEFAULT_RULES: tuple[dict[str, Any], ...] = (
     {"name": "echo", "exact": "echo", "target": "sip:echo@{embedded}"},
@@ -242,6 +305,8 @@ class Config:
     sip: SipConfig = field(default_factory=SipConfig)
     webrtc: WebRtcConfig = field(default_factory=WebRtcConfig)
     calls: CallsConfig = field(default_factory=CallsConfig)
+    registrar: RegistrarConfig = field(default_factory=RegistrarConfig)
+    accounts: tuple[AccountConfig, ...] = ()
     embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)
     rules: tuple[Rule, ...] = field(
         default_factory=lambda: load_rules(list(DEFAULT_RULES), DIALPLAN_VARIABLES)
@@ -254,8 +319,17 @@ class Config:
         return max(1, -(-calls // EMBEDDED_CALLS_PER_PROCESS))
 
     def validate(self) -> None:
-        for section in (self.http, self.workers, self.sip, self.webrtc, self.calls, self.embedded):
+        for section in (
+            self.http,
+            self.workers,
+            self.sip,
+            self.webrtc,
+            self.calls,
+            self.registrar,
+            self.embedded,
+        ):
             section.validate()
+        self._validate_accounts()
         last = self.workers.count - 1
         if self.sip.port and self.sip.port + last > 65535:
             raise ConfigError(
@@ -276,6 +350,28 @@ class Config:
                         f"config: dialplan rule {rule.name!r} routes to {{embedded}} "
                         "but embedded.enabled is false"
                     )
+
+    def _validate_accounts(self) -> None:
+        seen: set[str] = set()
+        for i, account in enumerate(self.accounts):
+            where = f"config: accounts[{i}]"
+            _check_token(f"accounts[{i}].user", account.user)
+            if account.user in seen:
+                raise ConfigError(f"{where}: user {account.user!r} appears twice")
+            seen.add(account.user)
+            if bool(account.password) == bool(account.password_env):
+                raise ConfigError(f"{where}: give exactly one of password and password_env")
+            if account.password_env and account.password_env not in os.environ:
+                raise ConfigError(
+                    f"{where}.password_env: environment variable {account.password_env!r} "
+                    "is not set"
+                )
+            for key in ("auth_user", "display_name"):
+                value = getattr(account, key)
+                if value and not _plain(value.replace(" ", "_")):
+                    raise ConfigError(f"{where}.{key} = {value!r}: no quotes, <, > or controls")
+        if self.accounts and not self.registrar.uri:
+            raise ConfigError("config: [[accounts]] need a registrar (registrar.uri)")
 
     def _validate_embedded_ports(self) -> None:
         embedded, count = self.embedded, self.embedded_processes
@@ -306,6 +402,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "sip": SipConfig,
     "webrtc": WebRtcConfig,
     "calls": CallsConfig,
+    "registrar": RegistrarConfig,
     "embedded": EmbeddedConfig,
 }
 
@@ -331,10 +428,16 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     for key, value in data.items():
         if key == "dialplan":
             kwargs["rules"] = _load_dialplan(value)
+        elif key == "accounts":
+            if not isinstance(value, list):
+                raise ConfigError("config: accounts must be an array of tables ([[accounts]])")
+            kwargs["accounts"] = tuple(
+                _build(AccountConfig, item, f"accounts[{i}]") for i, item in enumerate(value)
+            )
         elif key in _SECTIONS:
             kwargs[key] = _build(_SECTIONS[key], value, key)
         else:
-            known = sorted([*_SECTIONS, "dialplan"])
+            known = sorted([*_SECTIONS, "dialplan", "accounts"])
             raise ConfigError(f"config: unknown section [{key}] (known: {', '.join(known)})")
     config = Config(**kwargs)
     config.validate()

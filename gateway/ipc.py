@@ -21,7 +21,7 @@ import struct
 from dataclasses import dataclass, field, replace
 from typing import Any, Self
 
-from gateway.config import CallsConfig, EmbeddedConfig, IceServer, SipConfig
+from gateway.config import CallsConfig, EmbeddedConfig, IceServer, RegistrarConfig, SipConfig
 from gateway.outcomes import Ending, Refusal
 
 logger = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ class WorkerParams:
     rtp_port_range: int
     max_calls: int
     calls: CallsConfig = field(default_factory=CallsConfig)
+    registrar: RegistrarConfig = field(default_factory=RegistrarConfig)
     ice_servers: tuple[IceServer, ...] = ()
     ice_addresses: tuple[str, ...] = ()
     consent_timeout: float = 30.0
@@ -114,6 +115,43 @@ class ControlCall:
     digits: str = ""
     method: str = ""
     request_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Register:
+    """Register ``user`` to the configured registrar as account ``reg``.
+
+    The password crosses to the worker and never comes back.
+    """
+
+    reg: int
+    user: str
+    password: str = field(repr=False)
+    auth_user: str = ""
+    display_name: str = ""
+
+
+@dataclass(frozen=True)
+class Unregister:
+    """Unregister account ``reg`` and forget it."""
+
+    reg: int
+
+
+@dataclass(frozen=True)
+class AcceptCall:
+    """The browser accepted incoming call ``key`` with ``answer_sdp``."""
+
+    key: int
+    answer_sdp: str
+
+
+@dataclass(frozen=True)
+class RejectCall:
+    """The browser refused incoming call ``key`` with SIP ``code`` (486, 603...)."""
+
+    key: int
+    code: int
 
 
 @dataclass(frozen=True)
@@ -241,13 +279,38 @@ class CallControlFailed:
 
 
 @dataclass(frozen=True)
+class RegistrationChanged:
+    """Account ``reg``'s registration: ``active`` with ``expires``, or lost/failed (``code``)."""
+
+    reg: int
+    active: bool
+    code: int
+    reason: str
+    expires: int = 0
+
+
+@dataclass(frozen=True)
+class CallIncoming:
+    """An INVITE for account ``reg``: call ``key`` rings, ``offer_sdp`` is for the browser."""
+
+    key: int
+    reg: int
+    from_uri: str
+    display_name: str
+    to_uri: str
+    offer_sdp: str
+
+
+@dataclass(frozen=True)
 class CallReleased:
     """Every resource of call ``key`` is freed; its worker slot may be reused."""
 
     key: int
 
 
-ToWorker = StartCall | EndCall | ControlCall | Shutdown
+ToWorker = (
+    StartCall | EndCall | ControlCall | Register | Unregister | AcceptCall | RejectCall | Shutdown
+)
 ToTargets = Shutdown
 FromWorker = (
     WorkerReady
@@ -261,6 +324,8 @@ FromWorker = (
     | CallHold
     | CallDtmf
     | CallControlFailed
+    | RegistrationChanged
+    | CallIncoming
     | CallReleased
 )
 

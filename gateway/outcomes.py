@@ -36,6 +36,14 @@ class End(Enum):
     LOCAL_BYE = EndRow(200, "Normal call clearing", "local")
     #: The browser's WebSocket closed (or missed its heartbeat): CANCEL or BYE sent.
     WEBSOCKET_CLOSED = EndRow(200, "WebSocket connection closed", "local")
+    #: Incoming call: the caller hung up (CANCEL) before the browser answered.
+    REMOTE_CANCEL = EndRow(487, "Caller hung up before the answer", "remote")
+    #: Incoming call: the browser refused it with ``reject`` (its code sent to the caller).
+    LOCAL_REJECT = EndRow(0, "Rejected", "local")
+    #: Incoming call: another tab of the same user accepted it first.
+    ANSWERED_ELSEWHERE = EndRow(200, "Call answered elsewhere", "local")
+    #: Incoming call: the browser's ``accept`` carried an SDP answer that cannot be used.
+    BAD_ANSWER = EndRow(488, "Not Acceptable Here: the browser's answer cannot be used", "gateway")
     #: The SIP side sent BYE after the answer.
     REMOTE_BYE = EndRow(200, "Remote hangup (BYE)", "remote")
     #: The SIP side answered the INVITE with a final error (404, 486, 603...).
@@ -50,7 +58,8 @@ class End(Enum):
     WEBRTC_LOST = EndRow(480, "WebRTC connection lost", "gateway")
     #: No audio from one leg for ``calls.media_timeout`` (not counting hold).
     MEDIA_TIMEOUT = EndRow(408, "Media timeout", "gateway")
-    #: The call rang for ``calls.max_ringing``: CANCEL sent.
+    #: The call rang for ``calls.max_ringing`` (an incoming one for
+    #: ``registrar.ring_timeout``): CANCEL, or 480 to the caller.
     NO_ANSWER = EndRow(480, "No answer", "gateway")
     #: The answered call reached ``calls.max_duration``: BYE sent.
     MAX_DURATION = EndRow(200, "Maximum call duration reached", "gateway")

@@ -28,6 +28,7 @@ from .calls import CallManager
 from .metrics import Metrics
 from .orphans import Orphans
 from .pool import StartupError, WorkerHandle, WorkerPool, worker_params
+from .registrations import Registrations
 from .signaling.session import Session, websocket_handler
 from .targets import EmbeddedTargets
 
@@ -156,6 +157,7 @@ async def _workers_and_calls(app: web.Application) -> AsyncIterator[None]:
         config.http.max_call_rate,
         embedded=targets,
         on_orphaned=orphans.end,
+        registrations=Registrations(config.registrar, config.accounts, pool, pool.workers),
     )
     app[POOL] = pool
     app[MANAGER] = manager

@@ -18,10 +18,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 from dialplan import Action, InvalidNumber, Rule, route
 from gateway.ipc import (
+    AcceptCall,
     CallAccepted,
     CallAnswer,
     CallControlFailed,
@@ -29,6 +30,7 @@ from gateway.ipc import (
     CallDtmf,
     CallEnded,
     CallHold,
+    CallIncoming,
     CallProgress,
     CallRefused,
     CallReleased,
@@ -36,6 +38,8 @@ from gateway.ipc import (
     Dialog,
     EndCall,
     FromWorker,
+    RegistrationChanged,
+    RejectCall,
     StartCall,
     ToWorker,
 )
@@ -43,6 +47,7 @@ from gateway.limits import RateLimit, SlidingWindow, suppressed_note
 from gateway.outcomes import End, Ending, Refusal, Refused, ending
 
 from .metrics import Metrics
+from .registrations import Registrations
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +75,10 @@ class Pool(Protocol[W]):
         ...
 
     def release(self, worker: W, key: int) -> None: ...
+
+    def claim(self, worker: W, key: int) -> None:
+        """Count incoming call ``key`` in ``worker``'s slots (the worker took it already)."""
+        ...
 
     def send(self, worker: W, message: ToWorker) -> bool: ...
 
@@ -107,6 +116,10 @@ class CallOwner(Protocol):
         self, call_id: str, error: str, message: str, request_id: str | None
     ) -> None: ...
 
+    def call_incoming(
+        self, call_id: str, from_uri: str, display_name: str, to_uri: str, sdp: str
+    ) -> None: ...
+
 
 class NotAnswered(RuntimeError):
     """The call is not answered (or is ending): hold and DTMF must wait."""
@@ -121,6 +134,8 @@ class AlreadyEnding(RuntimeError):
 
 
 class CallState(Enum):
+    RINGING = "ringing"  # incoming: offered to the user's connections
+    ACCEPTING = "accepting"  # incoming: accepted, waiting for ICE and the 200 OK
     STARTING = "starting"  # handed to a worker, which is answering the offer
     INVITING = "inviting"  # answer sent to the browser, INVITE out
     EARLY = "early"  # 18x received
@@ -146,6 +161,8 @@ class FrontCall(Generic[W]):
     started: float = field(default_factory=time.monotonic)
     #: The SIP dialog, once formed: what ends the SIP leg if the worker dies.
     dialog: Dialog | None = None
+    #: An incoming call; until accepted it rings on every connection of the user.
+    incoming: bool = False
 
 
 @dataclass
@@ -175,8 +192,10 @@ class CallManager(Generic[W]):
         clock: Callable[[], float] = time.monotonic,
         on_orphaned: Callable[[Dialog, Ending], None] | None = None,
         embedded: Embedded | None = None,
+        registrations: Registrations[Any] | None = None,
     ) -> None:
         self._pool = pool
+        self.registrations = registrations
         self._embedded = embedded
         self._rules = tuple(rules)
         self._variables = dict(variables)
@@ -201,6 +220,8 @@ class CallManager(Generic[W]):
             CallHold: self._on_hold,
             CallDtmf: self._on_dtmf,
             CallControlFailed: self._on_control_failed,
+            CallIncoming: self._on_incoming,
+            RegistrationChanged: self._on_registration,
             CallReleased: self._on_released,
         }
 
@@ -243,10 +264,7 @@ class CallManager(Generic[W]):
     def _place(
         self, owner: CallOwner, call_id: str, to: str, sdp: str, request_id: str | None
     ) -> None:
-        owned = self._owners.get(owner)
-        if owned is None:
-            owned = _OwnerCalls(SlidingWindow(self._max_call_rate, 1.0, self._clock))
-            self._owners[owner] = owned
+        owned = self._owned(owner)
         if not owned.attempts.add():
             raise Refused(
                 Refusal.CONNECTION_RATE,
@@ -353,6 +371,8 @@ class CallManager(Generic[W]):
 
     def disconnect(self, owner: CallOwner) -> None:
         """The owner's connection closed: end all its calls; nobody hears the events."""
+        if self.registrations is not None:
+            self.registrations.disconnect(cast(Any, owner))
         owned = self._owners.pop(owner, None)
         if owned is None:
             return
@@ -386,6 +406,12 @@ class CallManager(Generic[W]):
     def _listening(self, call: FrontCall[W]) -> bool:
         owned = self._owners.get(call.owner)
         return owned is not None and owned.live.get(call.call_id) is call
+
+    def _audience(self, call: FrontCall[W]) -> list[CallOwner]:
+        """Every connection that hears about ``call`` (several while an incoming call rings)."""
+        return [
+            owner for owner, owned in self._owners.items() if owned.live.get(call.call_id) is call
+        ]
 
     def _on_answer(self, worker: W, message: CallAnswer) -> None:
         call = self._calls.get(message.key)
@@ -460,12 +486,88 @@ class CallManager(Generic[W]):
                 call.call_id, message.error, message.message, message.request_id
             )
 
+    def _on_registration(self, worker: W, message: RegistrationChanged) -> None:
+        if self.registrations is not None:
+            self.registrations.on_changed(message)
+
+    def _on_incoming(self, worker: W, message: CallIncoming) -> None:
+        """A registered user's phone rings: offer the call to each of its connections."""
+        registered = self.registrations.owners(message.reg) if self.registrations else []
+        owners = [cast(CallOwner, o) for o in registered]
+        if not owners or not self.accepting:
+            self._pool.send(worker, RejectCall(message.key, 480))
+            return
+        self._pool.claim(worker, message.key)
+        call_id = f"in-{-message.key}"
+        call = FrontCall(message.key, call_id, message.to_uri, message.from_uri, owners[0], worker)
+        call.incoming, call.state = True, CallState.RINGING
+        self._calls[message.key] = call
+        self._idle.clear()
+        for owner in owners:
+            owned = self._owned(owner)
+            owned.live[call_id] = call
+            owned.used.add(call_id)
+            owner.call_incoming(
+                call_id, message.from_uri, message.display_name, message.to_uri, message.offer_sdp
+            )
+        self._metrics.calls_started.inc()
+        self._metrics.calls_active.set(len(self._calls))
+        self._metrics.calls_active_by_worker.labels(str(worker.index)).inc()
+        logger.info(
+            "incoming call %s (%s) from %s to %s on worker %s",
+            message.key,
+            call_id,
+            message.from_uri,
+            message.to_uri,
+            worker.index,
+        )
+
+    def accept(self, owner: CallOwner, call_id: str, sdp: str, request_id: str | None) -> None:
+        """``owner`` answers a ringing incoming call; the other connections hear it went.
+
+        Raises :class:`UnknownCall` or :class:`NotAnswered` (not ringing any more).
+        """
+        call = self._live_call(owner, call_id)
+        if not call.incoming or call.state is not CallState.RINGING:
+            raise NotAnswered(call_id)
+        elsewhere = ending(End.ANSWERED_ELSEWHERE)
+        for other in self._audience(call):
+            if other is not owner:
+                del self._owners[other].live[call_id]
+                other.call_ended(call_id, elsewhere, None)
+        call.owner, call.request_id, call.state = owner, request_id, CallState.ACCEPTING
+        self._pool.send(call.worker, AcceptCall(call.key, sdp))
+
+    def reject(self, owner: CallOwner, call_id: str, code: int, request_id: str | None) -> None:
+        """``owner`` refuses a ringing incoming call with ``code`` (for every connection)."""
+        call = self._live_call(owner, call_id)
+        if not call.incoming or call.state is not CallState.RINGING:
+            raise NotAnswered(call_id)
+        call.owner, call.state, call.hangup_request_id = owner, CallState.ENDING, request_id
+        self._pool.send(call.worker, RejectCall(call.key, code))
+
+    def _owned(self, owner: CallOwner) -> _OwnerCalls[W]:
+        owned = self._owners.get(owner)
+        if owned is None:
+            owned = _OwnerCalls(SlidingWindow(self._max_call_rate, 1.0, self._clock))
+            self._owners[owner] = owned
+        return owned
+
+    def _live_call(self, owner: CallOwner, call_id: str) -> FrontCall[W]:
+        owned = self._owners.get(owner)
+        call = owned.live.get(call_id) if owned else None
+        if call is None:
+            raise UnknownCall(call_id)
+        return call
+
     def _on_released(self, worker: W, message: CallReleased) -> None:
         self._pool.release(worker, message.key)
 
     def on_worker_lost(self, worker: W) -> None:
         """A worker died: its browsers hear it, its SIP peers get BYE or CANCEL from here."""
         self._metrics.worker_deaths.inc()
+        if self.registrations is not None:
+            self.registrations.worker_lost(worker)
         died = ending(End.WORKER_DIED)
         for call in [c for c in self._calls.values() if c.worker is worker]:
             if call.dialog is not None and self._on_orphaned is not None:
@@ -473,7 +575,7 @@ class CallManager(Generic[W]):
             self._end(call, died, {})
 
     def _end(self, call: FrontCall[W], result: Ending, stats: Mapping[str, int]) -> None:
-        listening = self._listening(call)
+        audience = self._audience(call)
         self._forget(call)
         self._metrics.call_ended(result, stats)
         logger.info(
@@ -486,9 +588,9 @@ class CallManager(Generic[W]):
             time.monotonic() - call.started,
             call.uri,
         )
-        if listening:
-            request_id = call.hangup_request_id if result.by == "local" else None
-            call.owner.call_ended(call.call_id, result, request_id)
+        for owner in audience:
+            mine = owner is call.owner and result.by == "local"
+            owner.call_ended(call.call_id, result, call.hangup_request_id if mine else None)
 
     def _log_refusal(self, owner: CallOwner, fmt: str, *args: object) -> None:
         owned = self._owners.get(owner)
@@ -500,9 +602,9 @@ class CallManager(Generic[W]):
         self._calls.pop(call.key, None)
         if call.embedded and self._embedded is not None:
             self._embedded.release(call.key)
-        owned = self._owners.get(call.owner)
-        if owned is not None and owned.live.get(call.call_id) is call:
-            del owned.live[call.call_id]
+        for owned in self._owners.values():
+            if owned.live.get(call.call_id) is call:
+                del owned.live[call.call_id]
         self._metrics.calls_active.set(len(self._calls))
         self._metrics.calls_active_by_worker.labels(str(call.worker.index)).dec()
         if not self._calls:

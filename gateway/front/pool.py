@@ -78,6 +78,7 @@ def worker_params(config: Config, log_level: int) -> list[WorkerParams]:
             rtp_port_range=RTP_PORTS_PER_WORKER,
             max_calls=config.workers.calls_per_worker,
             calls=config.calls,
+            registrar=config.registrar,
             ice_servers=config.webrtc.ice_servers,
             ice_addresses=ice_addresses(config),
             consent_timeout=config.webrtc.consent_timeout,
@@ -286,6 +287,9 @@ class WorkerPool(Generic[P]):
 
     def release(self, worker: WorkerHandle, key: int) -> None:
         worker.slots.discard(key)
+
+    def claim(self, worker: WorkerHandle, key: int) -> None:
+        worker.slots.add(key)
 
     @property
     def all_ready(self) -> bool:

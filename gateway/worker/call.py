@@ -26,6 +26,7 @@ from gateway.ipc import (
     CallDtmf,
     CallEnded,
     CallHold,
+    CallIncoming,
     CallProgress,
     CallRefused,
     CallReleased,
@@ -45,6 +46,7 @@ from gateway.worker.sip.events import (
     SipEvent,
     SipFailed,
     SipHold,
+    SipIncoming,
     SipMediaTimeout,
     SipProgress,
     SipReleased,
@@ -61,7 +63,8 @@ PROBE_SECONDS = 2.0
 
 class State(Enum):
     ANSWERING = "answering"  # answering the browser's offer; no INVITE yet
-    CONNECTING = "connecting"  # answer sent, waiting for ICE/DTLS; no INVITE yet
+    CONNECTING = "connecting"  # waiting for ICE/DTLS (outgoing: no INVITE yet; incoming: accepted)
+    RINGING_IN = "ringing_in"  # incoming: 180 sent, the offer is with the browser
     INVITING = "inviting"  # INVITE sent, no response yet (the invite timeout runs)
     EARLY = "early"  # 18x received (the ringing limit runs)
     ANSWERED = "answered"  # 200 OK
@@ -71,6 +74,14 @@ class State(Enum):
 
 #: States in which the call is still live on the SIP side.
 _LIVE = (State.INVITING, State.EARLY, State.ANSWERED)
+
+
+def _final_code(result: Ending) -> int:
+    """The final response refusing an incoming call that ends with ``result`` unanswered."""
+    if 400 <= result.code < 700 and result.code != 487:
+        return result.code
+    return 486  # the browser hung up before accepting: busy
+
 
 #: How often the browser's audio is checked for ``calls.media_timeout``, in seconds.
 UPLINK_CHECK_INTERVAL = 1.0
@@ -108,6 +119,8 @@ class BridgedCall:
         self._media_up = False
         self._uplink_seen = (-1, 0.0)  # (frames pushed, when that count was first seen)
         self._sip_released = True  # until an INVITE goes out
+        #: An incoming call (the phone called a registered browser user).
+        self._incoming = False
         self._media_closed = False
         self._tasks: set[asyncio.Task[None]] = set()
         #: The browser's request ids of pending hold/unhold/dtmf requests, by action.
@@ -186,6 +199,64 @@ class BridgedCall:
                 )
             )
 
+    # --- incoming calls ---------------------------------------------------------------
+
+    async def start_incoming(self, event: SipIncoming) -> None:
+        """A registered user's phone rings: make the browser's offer and hand it on."""
+        self._incoming = True
+        self._sip_released = False
+        self._webrtc = WebRtcLeg(
+            self._params.ice_servers, self._on_webrtc_lost, self._loopback_only
+        )
+        try:
+            offer = await self._webrtc.offer(SipAudioTrack(self._bridge.from_sip))
+        except Exception:
+            if self.state is State.ANSWERING:
+                logger.exception("call %s: making the offer failed", self.key)
+                self.hangup(ending(End.PLACE_FAILED, reason="the gateway could not make an offer"))
+            return
+        if self.state is not State.ANSWERING:
+            return
+        self.state = State.RINGING_IN
+        self._send(
+            CallIncoming(
+                self.key, event.reg, event.from_uri, event.display_name, event.to_uri, offer
+            )
+        )
+        seconds = self._params.registrar.ring_timeout
+        self._arm("ringing", seconds, self._on_ringing_timeout)
+        self._spawn(self._pump_uplink())
+
+    async def accept(self, answer_sdp: str) -> None:
+        """The browser accepted: apply its answer, then answer the phone once ICE is up."""
+        if self.state is not State.RINGING_IN or self._webrtc is None:
+            return
+        self._disarm("ringing")
+        self.state = State.CONNECTING
+        self._arm("setup", self._limits.setup_timeout, self._on_setup_timeout)
+        try:
+            await self._webrtc.accept(answer_sdp)
+        except BadOffer as exc:
+            self.hangup(ending(End.BAD_ANSWER, reason=f"{End.BAD_ANSWER.value.reason}: {exc}"))
+            return
+        try:
+            await self._webrtc.connected()
+        except ConnectionError as exc:
+            if self.state is State.CONNECTING:
+                self.hangup(ending(End.ICE_FAILED, reason=f"ICE connection failed: {exc}"))
+            return
+        if self.state is not State.CONNECTING:
+            return
+        self._media_up = True
+        self._disarm("setup")
+        self._watch_uplink()
+        self._engine.answer_incoming(self.key, self._bridge.from_sip, self._bridge.to_sip)
+
+    def reject(self, code: int) -> None:
+        """The browser refused the incoming call with ``code``."""
+        if self.state in (State.RINGING_IN, State.CONNECTING):
+            self.hangup(ending(End.LOCAL_REJECT, code, f"Rejected ({code})"))
+
     async def _pump_uplink(self) -> None:
         assert self._webrtc is not None
         try:
@@ -209,10 +280,11 @@ class BridgedCall:
         """
         if self.state in (State.ENDED, State.RELEASED):
             return
-        placed = self.state in _LIVE
-        self._finish(override or local_hangup(answered=self.state is State.ANSWERED))
+        placed = self.state in _LIVE or self._incoming
+        result = override or local_hangup(answered=self.state is State.ANSWERED)
+        self._finish(result)
         if placed:
-            self._engine.hangup(self.key)
+            self._engine.hangup(self.key, _final_code(result) if self._incoming else 0)
 
     def control(self, request: ControlCall) -> None:
         """A browser's in-call request: hold, unhold, or DTMF digits."""
@@ -257,7 +329,10 @@ class BridgedCall:
 
     def _on_ringing_timeout(self) -> None:
         self._timers.pop("ringing", None)
-        if self.state is State.EARLY:
+        if self.state is State.RINGING_IN:
+            seconds = self._params.registrar.ring_timeout
+            self.hangup(ending(End.NO_ANSWER, reason=f"No answer after {seconds:g} s of ringing"))
+        elif self.state is State.EARLY:
             seconds = self._limits.max_ringing
             self.hangup(ending(End.NO_ANSWER, reason=f"No answer after {seconds:g} s of ringing"))
 
@@ -304,7 +379,9 @@ class BridgedCall:
             self._send(CallProgress(self.key, event.code, event.reason))
 
     def _on_answered(self, event: SipAnswered) -> None:
-        if self.state in (State.INVITING, State.EARLY):
+        if self.state in (State.INVITING, State.EARLY) or (
+            self._incoming and self.state is State.CONNECTING
+        ):
             self._disarm("invite")
             self._disarm("ringing")
             self._arm("duration", self._limits.max_duration, self._on_duration_limit)
@@ -314,7 +391,9 @@ class BridgedCall:
 
     def _on_disconnected(self, event: SipDisconnected) -> None:
         logger.debug("call %s: SIP leg ended: %s %s", self.key, event.code, event.reason)
-        if self.state in _LIVE:
+        if self._incoming and self.state in (State.ANSWERING, State.RINGING_IN, State.CONNECTING):
+            self._finish(ending(End.REMOTE_CANCEL))
+        elif self.state in _LIVE:
             answered = self.state is State.ANSWERED
             self._finish(sip_disconnected(event.code, event.reason, answered=answered))
 

@@ -20,14 +20,19 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from gateway.ipc import (
+    AcceptCall,
     CallReleased,
     Channel,
     ControlCall,
     EndCall,
     FromWorker,
+    Register,
+    RegistrationChanged,
+    RejectCall,
     Shutdown,
     StartCall,
     ToWorker,
+    Unregister,
     WorkerFailed,
     WorkerParams,
     WorkerReady,
@@ -35,7 +40,7 @@ from gateway.ipc import (
 from gateway.outcomes import End, ending
 from gateway.worker.call import BridgedCall
 from gateway.worker.sip.engine import SipEngine, SipStartError
-from gateway.worker.sip.events import SipEvent
+from gateway.worker.sip.events import SipEvent, SipIncoming, SipRegistration
 from gateway.worker.webrtc.peer import restrict_host_addresses, set_consent_timeout
 
 logger = logging.getLogger(__name__)
@@ -79,6 +84,10 @@ class Worker:
             StartCall: self._on_start_call,
             EndCall: self._on_end_call,
             ControlCall: self._on_control_call,
+            Register: self._on_register,
+            Unregister: self._on_unregister,
+            AcceptCall: self._on_accept_call,
+            RejectCall: self._on_reject_call,
         }
         addresses = params.ice_addresses
         self._loopback_only = bool(addresses) and all(
@@ -156,10 +165,48 @@ class Worker:
         if not task.cancelled() and task.exception() is not None:
             logger.error("call task failed", exc_info=task.exception())
 
-    def _on_sip(self, event: SipEvent) -> None:
-        call = self._calls.get(event.key)
+    def _on_register(self, message: Register) -> None:
+        assert self._engine is not None
+        self._engine.register(
+            message.reg, message.user, message.password, message.auth_user, message.display_name
+        )
+
+    def _on_unregister(self, message: Unregister) -> None:
+        assert self._engine is not None
+        self._engine.unregister(message.reg)
+
+    def _on_accept_call(self, message: AcceptCall) -> None:
+        call = self._calls.get(message.key)
         if call is not None:
-            call.on_sip(event)
+            self._spawn(call.accept(message.answer_sdp))
+
+    def _on_reject_call(self, message: RejectCall) -> None:
+        call = self._calls.get(message.key)
+        if call is not None:
+            call.reject(message.code)
+
+    def _on_sip(self, event: SipEvent) -> None:
+        if isinstance(event, SipRegistration):
+            self._send(
+                RegistrationChanged(
+                    event.reg, event.active, event.code, event.reason, event.expires
+                )
+            )
+        elif isinstance(event, SipIncoming):
+            self._on_incoming(event)
+        else:
+            call = self._calls.get(event.key)
+            if call is not None:
+                call.on_sip(event)
+
+    def _on_incoming(self, event: SipIncoming) -> None:
+        assert self._engine is not None
+        call = BridgedCall(
+            event.key, self._engine, self._params, self._send, self._forget, self._loopback_only
+        )
+        self._calls[event.key] = call
+        self._idle.clear()
+        self._spawn(call.start_incoming(event))
 
     def _forget(self, key: int) -> None:
         self._calls.pop(key, None)

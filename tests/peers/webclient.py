@@ -199,6 +199,28 @@ class WebClient:
         await self.send({"type": "call", "call": call_id, "to": to, "sdp": pc.localDescription.sdp})
         return call
 
+    async def accept(self, incoming: dict[str, Any], tone_hz: float = 1000.0) -> ClientCall:
+        """Answer an ``incoming`` message's offer and send ``accept``; returns the call."""
+        call_id = incoming["call"]
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        tone = ToneTrack(tone_hz)
+        call = ClientCall(call_id, pc, tone)
+        call.events.append(incoming)
+        self.calls[call_id] = call
+
+        @pc.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            call.recorder = asyncio.create_task(self._record(call, track))
+
+        await pc.setRemoteDescription(RTCSessionDescription(incoming["sdp"], "offer"))
+        for transceiver in pc.getTransceivers():
+            if transceiver.kind == "audio":
+                transceiver.sender.replaceTrack(tone)
+                transceiver.direction = "sendrecv"
+        await pc.setLocalDescription(await pc.createAnswer())
+        await self.send({"type": "accept", "call": call_id, "sdp": pc.localDescription.sdp})
+        return call
+
     async def wait_event(
         self, call: ClientCall, kinds: str | tuple[str, ...], timeout: float = 10.0
     ) -> dict[str, Any]:

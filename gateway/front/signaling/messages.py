@@ -14,7 +14,7 @@ import json
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 PROTOCOL_VERSION = 1
@@ -103,7 +103,39 @@ class Unhold:
     id: str | None = None
 
 
-Request = Hello | Call | Hangup | Ping | Dtmf | Hold | Unhold
+@dataclass(frozen=True)
+class Register:
+    user: str
+    #: None for a server-side account (the password is in the gateway's config).
+    password: str | None = field(default=None, repr=False)
+    display_name: str = ""
+    domain: str | None = None
+    id: str | None = None
+
+
+@dataclass(frozen=True)
+class Unregister:
+    user: str
+    id: str | None = None
+
+
+@dataclass(frozen=True)
+class Accept:
+    call: str
+    sdp: str
+    id: str | None = None
+
+
+@dataclass(frozen=True)
+class Reject:
+    call: str
+    code: int = 486
+    id: str | None = None
+
+
+Request = (
+    Hello | Call | Hangup | Ping | Dtmf | Hold | Unhold | Register | Unregister | Accept | Reject
+)
 
 
 # --- gateway -> client -------------------------------------------------------------
@@ -187,6 +219,41 @@ class DtmfEvent:
 
 
 @dataclass(frozen=True)
+class Registered:
+    type: ClassVar[str] = "registered"
+    user: str
+    expires: int
+    id: str | None = None
+
+
+@dataclass(frozen=True)
+class RegistrationFailed:
+    type: ClassVar[str] = "registration_failed"
+    user: str
+    code: int
+    reason: str
+    id: str | None = None
+
+
+@dataclass(frozen=True)
+class Unregistered:
+    type: ClassVar[str] = "unregistered"
+    user: str
+    reason: str
+    id: str | None = None
+
+
+@dataclass(frozen=True)
+class Incoming:
+    type: ClassVar[str] = "incoming"
+    call: str
+    caller: str = field(metadata={"wire": "from"})
+    display_name: str
+    to: str
+    sdp: str
+
+
+@dataclass(frozen=True)
 class Pong:
     type: ClassVar[str] = "pong"
     id: str | None = None
@@ -215,6 +282,10 @@ Event = (
     | Held
     | Resumed
     | DtmfEvent
+    | Registered
+    | RegistrationFailed
+    | Unregistered
+    | Incoming
     | Pong
     | Error
 )
@@ -226,7 +297,7 @@ def encode(message: Event) -> str:
     for f in dataclasses.fields(message):
         value = getattr(message, f.name)
         if value is not None:
-            body[f.name] = value
+            body[f.metadata.get("wire", f.name)] = value
     return json.dumps(body, separators=(",", ":"))
 
 
@@ -436,6 +507,83 @@ def _parse_unhold(data: dict[str, Any], request_id: str | None) -> Unhold:
     return Unhold(call=_call_id(data, request_id), id=request_id)
 
 
+#: A SIP user part: what may stand before the ``@`` without escaping (RFC 3261).
+_USER = re.compile(r"[A-Za-z0-9_.!~*'()+-]{1,64}")
+#: Printable, no quotes, angle brackets or backslash: safe inside a quoted display name.
+_DISPLAY = re.compile(r"[^\x00-\x1f\x7f\"<>\\]{0,64}")
+MAX_PASSWORD = 256
+
+
+def _parse_register(data: dict[str, Any], request_id: str | None) -> Register:
+    user = _string(data, "user", request_id)
+    if not _USER.fullmatch(user):
+        raise ProtocolError(
+            "bad_request",
+            "register: field 'user' must be 1-64 letters, digits or - _ . ! ~ * ' ( ) +",
+            id=request_id,
+        )
+    password = data.get("password")
+    if password is not None and (
+        not isinstance(password, str)
+        or not 0 < len(password) <= MAX_PASSWORD
+        or any(ord(c) < 32 or ord(c) == 127 for c in password)
+    ):
+        raise ProtocolError(
+            "bad_request",
+            f"register: field 'password' must be 1-{MAX_PASSWORD} printable characters",
+            id=request_id,
+        )
+    display = data.get("display_name", "")
+    if not isinstance(display, str) or not _DISPLAY.fullmatch(display):
+        raise ProtocolError(
+            "bad_request",
+            "register: field 'display_name' must be at most 64 characters, "
+            "without quotes, < > \\ or control characters",
+            id=request_id,
+        )
+    domain = data.get("domain")
+    if domain is not None and not isinstance(domain, str):
+        raise ProtocolError(
+            "bad_request", "register: field 'domain' must be a string", id=request_id
+        )
+    return Register(user, password, display, domain, request_id)
+
+
+def _parse_unregister(data: dict[str, Any], request_id: str | None) -> Unregister:
+    user = _string(data, "user", request_id)
+    if not _USER.fullmatch(user):
+        raise ProtocolError(
+            "bad_request", "unregister: field 'user' is not a user name", id=request_id
+        )
+    return Unregister(user, request_id)
+
+
+def _parse_accept(data: dict[str, Any], request_id: str | None) -> Accept:
+    call = _call_id(data, request_id)
+    sdp = _string(data, "sdp", request_id, call=call)
+    if len(sdp.encode("utf-8", "surrogatepass")) > MAX_SDP_BYTES:
+        raise ProtocolError(
+            "bad_request",
+            f"accept: field 'sdp' is longer than {MAX_SDP_BYTES} bytes",
+            id=request_id,
+            call=call,
+        )
+    return Accept(call, sdp, request_id)
+
+
+def _parse_reject(data: dict[str, Any], request_id: str | None) -> Reject:
+    call = _call_id(data, request_id)
+    code = data.get("code", 486)
+    if isinstance(code, bool) or not isinstance(code, int) or not 400 <= code <= 699:
+        raise ProtocolError(
+            "bad_request",
+            "reject: field 'code' must be a SIP status from 400 to 699",
+            id=request_id,
+            call=call,
+        )
+    return Reject(call, code, request_id)
+
+
 def _json_type(value: object) -> str:
     names = {bool: "boolean", int: "number", float: "number", list: "array", dict: "object"}
     return names.get(type(value), type(value).__name__)
@@ -449,4 +597,8 @@ _PARSERS: dict[str, Callable[[dict[str, Any], str | None], Request]] = {
     "dtmf": _parse_dtmf,
     "hold": _parse_hold,
     "unhold": _parse_unhold,
+    "register": _parse_register,
+    "unregister": _parse_unregister,
+    "accept": _parse_accept,
+    "reject": _parse_reject,
 }

@@ -24,11 +24,13 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from gateway.config import IceServer
 from gateway.front.calls import AlreadyEnding, CallManager, NotAnswered, UnknownCall
 from gateway.front.metrics import Metrics
+from gateway.front.registrations import RegistrationError
 from gateway.limits import RateLimit, suppressed_note
 from gateway.outcomes import Ending, Refusal, Refused
 
 from .messages import (
     PROTOCOL_VERSION,
+    Accept,
     Accepted,
     Answer,
     Call,
@@ -41,14 +43,21 @@ from .messages import (
     Held,
     Hello,
     Hold,
+    Incoming,
     Ping,
     Pong,
     Progress,
     ProtocolError,
+    Register,
+    Registered,
+    RegistrationFailed,
+    Reject,
     Request,
     Resumed,
     Ringing,
     Unhold,
+    Unregister,
+    Unregistered,
     Welcome,
     encode,
     parse,
@@ -102,6 +111,10 @@ class Session:
             Dtmf: self._on_dtmf,
             Hold: self._on_hold,
             Unhold: self._on_unhold,
+            Register: self._on_register,
+            Unregister: self._on_unregister,
+            Accept: self._on_accept,
+            Reject: self._on_reject,
         }
 
     def send(self, event: Event) -> None:
@@ -252,6 +265,55 @@ class Session:
     def _on_ping(self, request: Ping) -> None:
         self.send(Pong(id=request.id))
 
+    def _on_register(self, request: Register) -> None:
+        registrations = self._manager.registrations
+        try:
+            if registrations is None:
+                raise RegistrationError("unavailable", "register: this gateway has no registrar")
+            registrations.register(
+                self, request.user, request.password, request.display_name, request.id
+            )
+        except RegistrationError as exc:
+            raise ProtocolError(exc.code, exc.message, id=request.id) from None
+
+    def _on_unregister(self, request: Unregister) -> None:
+        registrations = self._manager.registrations
+        try:
+            if registrations is None:
+                raise RegistrationError("not_found", "unregister: nothing is registered")
+            registrations.unregister(self, request.user, request.id)
+        except RegistrationError as exc:
+            raise ProtocolError(exc.code, exc.message, id=request.id) from None
+
+    def _on_accept(self, request: Accept) -> None:
+        self._answer_incoming("accept", request.call, request.id, request.sdp)
+
+    def _on_reject(self, request: Reject) -> None:
+        self._answer_incoming("reject", request.call, request.id, code=request.code)
+
+    def _answer_incoming(
+        self, action: str, call_id: str, request_id: str | None, sdp: str = "", code: int = 0
+    ) -> None:
+        try:
+            if action == "accept":
+                self._manager.accept(self, call_id, sdp, request_id)
+            else:
+                self._manager.reject(self, call_id, code, request_id)
+        except UnknownCall:
+            raise ProtocolError(
+                "not_found",
+                f"{action}: no call {call_id!r} on this connection",
+                id=request_id,
+                call=call_id,
+            ) from None
+        except NotAnswered:
+            raise ProtocolError(
+                "wrong_state",
+                f"{action}: call {call_id!r} is not an incoming call that is ringing",
+                id=request_id,
+                call=call_id,
+            ) from None
+
     def _on_dtmf(self, request: Dtmf) -> None:
         self._control("dtmf", request.call, request.id, request.digits, request.method)
 
@@ -308,6 +370,22 @@ class Session:
         self, call_id: str, error: str, message: str, request_id: str | None
     ) -> None:
         self.send(Error(error, message, request_id, call_id))
+
+    def call_incoming(
+        self, call_id: str, from_uri: str, display_name: str, to_uri: str, sdp: str
+    ) -> None:
+        self.send(Incoming(call_id, from_uri, display_name, to_uri, sdp))
+
+    def registered(self, user: str, expires: int, request_id: str | None) -> None:
+        self.send(Registered(user, expires, request_id))
+
+    def registration_failed(
+        self, user: str, code: int, reason: str, request_id: str | None
+    ) -> None:
+        self.send(RegistrationFailed(user, code, reason, request_id))
+
+    def unregistered(self, user: str, reason: str, request_id: str | None) -> None:
+        self.send(Unregistered(user, reason, request_id))
 
     def call_refused(
         self, call_id: str, refusal: Refusal, message: str, request_id: str | None

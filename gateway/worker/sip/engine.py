@@ -24,12 +24,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pjsua2 as pj
 
 from gateway.ipc import Dialog, WorkerParams
+from gateway.limits import SlidingWindow
 from gateway.outcomes import place_failed
 from gateway.worker.media.buffers import FrameBuffer
 from gateway.worker.media.frames import PTIME_MS, SAMPLE_RATE
@@ -44,8 +45,10 @@ from .events import (
     SipEvent,
     SipFailed,
     SipHold,
+    SipIncoming,
     SipMediaTimeout,
     SipProgress,
+    SipRegistration,
     SipReleased,
 )
 from .guard import DROP, PASS, Answer, RequestGuard, pjsua_library
@@ -55,6 +58,9 @@ logger = logging.getLogger(__name__)
 
 #: How long one ``libHandleEvents`` call may block, in ms (bounds command latency).
 POLL_MS = 10
+
+#: INVITEs a worker with registered users lets through to pjsua per second.
+INCOMING_PER_SECOND = 5
 
 #: How often answered calls are checked for incoming RTP, in seconds.
 RTP_CHECK_INTERVAL = 1.0
@@ -89,6 +95,29 @@ class _MakeCall:
 @dataclass(frozen=True)
 class _Hangup:
     key: int
+    #: Final response for an incoming call not yet answered (0: pjsua's 603).
+    code: int = 0
+
+
+@dataclass(frozen=True)
+class _Register:
+    reg: int
+    user: str
+    password: str = field(repr=False)
+    auth_user: str
+    display_name: str
+
+
+@dataclass(frozen=True)
+class _Unregister:
+    reg: int
+
+
+@dataclass(frozen=True)
+class _AnswerIncoming:
+    key: int
+    from_sip: FrameBuffer
+    to_sip: FrameBuffer
 
 
 @dataclass(frozen=True)
@@ -104,7 +133,7 @@ class _SendDtmf:
     method: str
 
 
-_Command = _MakeCall | _Hangup | _Hold | _SendDtmf
+_Command = _MakeCall | _Hangup | _Hold | _SendDtmf | _Register | _Unregister | _AnswerIncoming
 
 #: DTMF methods as the protocol names them and as pjsua knows them.
 _DTMF_METHODS = {
@@ -236,20 +265,53 @@ class _Account(pj.Account):  # type: ignore[misc]
         self.unwanted.append(_UnwantedCall(self, prm.callId))
 
 
-class _OutgoingCall(pj.Call):  # type: ignore[misc]
-    """One outgoing INVITE: reports what pjsip sees, keeps its pjsua2 objects alive."""
+class _UserAccount(pj.Account):  # type: ignore[misc]
+    """A browser user's registration: reports its state, takes its incoming calls."""
 
-    def __init__(self, engine: SipEngine, account: Any, command: _MakeCall) -> None:
-        super().__init__(account)
+    def __init__(self, engine: SipEngine, reg: int) -> None:
+        super().__init__()
         self.engine = engine
-        self.key = command.key
-        self.port: BridgePort | None = engine.ports.acquire(command.from_sip, command.to_sip)
+        self.reg = reg
+
+    def onRegState(self, prm: Any) -> None:
+        info = self.getInfo()
+        active = bool(info.regIsActive) and 200 <= prm.code < 300
+        expires = int(info.regExpiresSec) if active else 0
+        self.engine.emit(SipRegistration(self.reg, active, prm.code, prm.reason, expires))
+
+    def onIncomingCall(self, prm: Any) -> None:
+        self.engine.take_incoming(self, prm.callId)
+
+
+class _SipCall(pj.Call):  # type: ignore[misc]
+    """One call, outgoing or incoming: reports what pjsip sees, keeps its pjsua2 objects alive.
+
+    An outgoing call gets its bridge port at once; an incoming one (``call_id``
+    given) when the browser accepts it (:meth:`attach`).
+    """
+
+    def __init__(
+        self,
+        engine: SipEngine,
+        account: Any,
+        key: int,
+        buffers: tuple[FrameBuffer, FrameBuffer] | None = None,
+        call_id: int = pj.PJSUA_INVALID_ID,
+    ) -> None:
+        super().__init__(account, call_id)
+        self.engine = engine
+        self.key = key
+        self.incoming = call_id != pj.PJSUA_INVALID_ID
+        self.account = account
+        self.port: BridgePort | None = engine.ports.acquire(*buffers) if buffers else None
         #: pjsua2 is done with the call: the object may be deleted (on this thread).
         self.disconnected = False
         #: The INVITE went out. makeCall opens the media transport asynchronously
         #: and sends the INVITE on a later turn; a hangup before that leaks pjsua's
         #: call slot for good (the 5th call then fails with PJ_ETOOMANY).
-        self.sent = False
+        self.sent = self.incoming
+        #: The status code of a hangup before the answer (incoming calls: 486, 480...).
+        self.hangup_code = 0
         self.hangup_pending = False
         self.codec = ""
         #: The call's conference ports connected to the bridge port, by port id.
@@ -426,10 +488,21 @@ class SipEngine:
             _Hangup: self._hangup,
             _Hold: self._hold,
             _SendDtmf: self._send_dtmf,
+            _Register: self._register,
+            _Unregister: self._unregister,
+            _AnswerIncoming: self._answer_incoming,
         }
+        #: Registered users' accounts, by the front's registration number.
+        self._accounts: dict[int, _UserAccount] = {}
+        #: Incoming calls taken in ``onIncomingCall``, rung (180) on the next turn.
+        self._ringing: list[_SipCall] = []
+        self._incoming_count = 0
+        self._invites = SlidingWindow(INCOMING_PER_SECOND, 1.0)
+        self._transport_id = -1
+        self._sip_port = 0
         self._account: Any = None
         self._guard: RequestGuard | None = None
-        self._calls: dict[int, _OutgoingCall] = {}
+        self._calls: dict[int, _SipCall] = {}
         #: Ended calls whose pjsua slot is still taken, as (key, pjsua call id).
         self._lingering: list[tuple[int, int]] = []
         self._thread: threading.Thread | None = None
@@ -462,9 +535,23 @@ class SipEngine:
         """Queue an INVITE to ``uri``; its audio goes to ``from_sip``, comes from ``to_sip``."""
         self._commands.put(_MakeCall(key, uri, from_sip, to_sip))
 
-    def hangup(self, key: int) -> None:
-        """Queue a CANCEL or BYE for call ``key`` (no-op when it is already over)."""
-        self._commands.put(_Hangup(key))
+    def hangup(self, key: int, code: int = 0) -> None:
+        """Queue a CANCEL or BYE for call ``key`` (no-op when it is already over).
+
+        For an incoming call not yet answered, ``code`` is the final response.
+        """
+        self._commands.put(_Hangup(key, code))
+
+    def register(self, reg: int, user: str, password: str, auth_user: str, display: str) -> None:
+        """Queue the creation of account ``reg`` registering ``user`` to the registrar."""
+        self._commands.put(_Register(reg, user, password, auth_user, display))
+
+    def unregister(self, reg: int) -> None:
+        self._commands.put(_Unregister(reg))
+
+    def answer_incoming(self, key: int, from_sip: FrameBuffer, to_sip: FrameBuffer) -> None:
+        """Queue the 200 OK of incoming call ``key``, its audio bridged to the buffers."""
+        self._commands.put(_AnswerIncoming(key, from_sip, to_sip))
 
     def hold(self, key: int, hold: bool) -> None:
         """Queue a re-INVITE putting call ``key`` on hold (sendonly) or taking it off."""
@@ -500,7 +587,7 @@ class SipEngine:
             endpoint, transport_id, port = create_endpoint(
                 sip.bind, params.sip_port, sip.log_level, params.max_calls, "sipgw", where
             )
-            self._guard = RequestGuard(worker_policy)
+            self._guard = RequestGuard(self._policy)
             set_codecs(endpoint, sip.codecs)
             self._create_account(transport_id, port)
             self._ports = PortPool(params.max_calls)
@@ -516,11 +603,10 @@ class SipEngine:
         finally:
             self._shutdown(endpoint)
 
-    def _create_account(self, transport_id: int, port: int) -> None:
-        """The worker's SIP identity, held only by the engine (deleted before libDestroy)."""
+    def _account_config(self, transport_id: int) -> Any:
+        """What every account of the worker shares: transport, RTP ports, codecs, timers."""
         sip, params = self.params.sip, self.params
         config = pj.AccountConfig()
-        config.idUri = f"sip:{sip.user}@{sip.bind}:{port}"
         config.sipConfig.transportId = transport_id
         config.mediaConfig.transportConfig.port = params.rtp_port
         config.mediaConfig.transportConfig.portRange = params.rtp_port_range
@@ -533,6 +619,13 @@ class SipEngine:
         config.callConfig.timerUse = _TIMER_USE[sip.session_timers]
         config.callConfig.timerSessExpiresSec = sip.session_expires
         config.callConfig.timerMinSESec = sip.min_se
+        return config
+
+    def _create_account(self, transport_id: int, port: int) -> None:
+        """The worker's SIP identity, held only by the engine (deleted before libDestroy)."""
+        self._transport_id, self._sip_port = transport_id, port
+        config = self._account_config(transport_id)
+        config.idUri = f"sip:{self.params.sip.user}@{self.params.sip.bind}:{port}"
         self._account = _Account()
         self._account.create(config, True)
 
@@ -550,6 +643,7 @@ class SipEngine:
             self._reap()
             self._hang_up_pending()
             self._refuse_unwanted()
+            self._ring_incoming()
             now = time.monotonic()
             if now >= next_rtp_check:
                 next_rtp_check = now + RTP_CHECK_INTERVAL
@@ -564,6 +658,99 @@ class SipEngine:
                 self._handlers[type(command)](command)
                 self._reap()
 
+    # --- registrations and incoming calls -------------------------------------------
+
+    def _policy(self, method: str) -> Answer | None:
+        """:func:`worker_policy`, but INVITEs pass while a user is registered here.
+
+        Still refused early (before pjsua opens media sockets) when the worker is
+        full or INVITEs come faster than :data:`INCOMING_PER_SECOND`.
+        """
+        if method != "INVITE" or not self._accounts:
+            return worker_policy(method)
+        if len(self._calls) >= self.params.max_calls:
+            return Answer(486, "Busy Here")
+        if not self._invites.add():
+            return Answer(503, "Service Unavailable")
+        return PASS
+
+    def _register(self, command: _Register) -> None:
+        registrar = self.params.registrar
+        domain = registrar.realm_domain
+        config = self._account_config(self._transport_id)
+        aor = f"sip:{command.user}@{domain}"
+        config.idUri = f'"{command.display_name}" <{aor}>' if command.display_name else aor
+        config.regConfig.registrarUri = registrar.uri
+        config.regConfig.timeoutSec = registrar.expires
+        # A failed registration is the browser's to retry (a wrong password must
+        # not be tried again and again).
+        config.regConfig.retryIntervalSec = 0
+        config.regConfig.dropCallsOnFail = False
+        credentials = pj.AuthCredInfo(
+            "digest", "*", command.auth_user or command.user, 0, command.password
+        )
+        config.sipConfig.authCreds.append(credentials)
+        account = _UserAccount(self, command.reg)
+        try:
+            account.create(config, False)
+        except pj.Error as exc:
+            self.emit(SipRegistration(command.reg, False, 500, f"cannot register: {exc.reason}"))
+            return
+        self._accounts[command.reg] = account
+
+    def _unregister(self, command: _Unregister) -> None:
+        account = self._accounts.pop(command.reg, None)
+        if account is None:
+            return
+        for call in self._calls.values():
+            if call.account is account:
+                call.hangup_code = 480
+                self._send_hangup(call)
+        try:
+            account.shutdown()  # sends REGISTER with Expires: 0 when registered
+        except pj.Error as exc:
+            logger.debug("unregistering account %s: %s", command.reg, exc.info())
+
+    def take_incoming(self, account: _UserAccount, call_id: int) -> None:
+        """``onIncomingCall``: keep the call (rung on the next turn, never from here)."""
+        self._incoming_count += 1
+        # Negative keys, distinct per worker: the front numbers outgoing calls from 1.
+        key = -(self._incoming_count * 1024 + self.params.index + 1)
+        call = _SipCall(self, account, key, call_id=call_id)
+        call.account = account
+        self._calls[key] = call
+        self._ringing.append(call)
+
+    def _ring_incoming(self) -> None:
+        while self._ringing:
+            call = self._ringing.pop(0)
+            if call.disconnected:
+                continue
+            op = pj.CallOpParam(True)
+            op.statusCode = 180
+            try:
+                call.answer(op)
+                info = call.getInfo()
+            except pj.Error as exc:
+                logger.debug("ringing incoming call %s: %s", call.key, exc.info())
+                continue
+            display, from_uri = split_name_addr(info.remoteUri)
+            _, to_uri = split_name_addr(info.localUri)
+            self.emit(SipIncoming(call.key, call.account.reg, from_uri, display, to_uri))
+
+    def _answer_incoming(self, command: _AnswerIncoming) -> None:
+        call = self._calls.get(command.key)
+        if call is None or call.disconnected:
+            return
+        call.port = self.ports.acquire(command.from_sip, command.to_sip)
+        op = pj.CallOpParam(True)
+        op.statusCode = 200
+        try:
+            call.answer(op)
+        except pj.Error as exc:
+            logger.info("answering incoming call %s failed: %s", call.key, exc.info())
+            self._send_hangup(call)
+
     def _check_rtp(self, now: float) -> None:
         """Report calls whose far end stopped sending RTP (``calls.media_timeout``)."""
         timeout = self.params.calls.media_timeout
@@ -575,7 +762,7 @@ class SipEngine:
                 self.emit(SipMediaTimeout(call.key, timeout))
 
     def _make_call(self, command: _MakeCall) -> None:
-        call = _OutgoingCall(self, self._account, command)
+        call = _SipCall(self, self._account, command.key, (command.from_sip, command.to_sip))
         self._calls[command.key] = call
         if call.port is None:  # cannot happen while calls <= max_calls; be safe
             call.disconnected = True
@@ -591,6 +778,7 @@ class SipEngine:
         call = self._calls.get(command.key)
         if call is None:
             return
+        call.hangup_code = command.code
         if call.sent:
             self._send_hangup(call)
         else:
@@ -638,11 +826,14 @@ class SipEngine:
                 call.hangup_pending = False
                 self._send_hangup(call)
 
-    def _send_hangup(self, call: _OutgoingCall) -> None:
+    def _send_hangup(self, call: _SipCall) -> None:
         if call.disconnected:
             return
+        op = pj.CallOpParam(True)
+        if call.incoming and not call.confirmed and call.hangup_code:
+            op.statusCode = call.hangup_code
         try:
-            call.hangup(pj.CallOpParam(True))
+            call.hangup(op)
         except pj.Error as exc:
             logger.debug("hangup of call %s: %s", call.key, exc.info())
 
@@ -691,7 +882,7 @@ class SipEngine:
         # Delete only once pjsip is done: a Call deleted later acts on a reused id.
         unwanted[:] = [call for call in unwanted if not call.disconnected]
 
-    def _release_media(self, call: _OutgoingCall) -> None:
+    def _release_media(self, call: _SipCall) -> None:
         """Disconnect the call's port and give it back to the pool (never destroyed)."""
         port = call.port
         if port is None:
@@ -747,12 +938,27 @@ class SipEngine:
         self._lingering.clear()
 
     def _drop_account(self) -> None:
+        for account in self._accounts.values():
+            try:
+                account.shutdown()
+            except pj.Error:
+                pass
+        self._accounts.clear()
         self._account.unwanted.clear()
         try:
             self._account.shutdown()
         except pj.Error:
             pass
         self._account = None
+
+
+def split_name_addr(value: str) -> tuple[str, str]:
+    """``'"Alice" <sip:1002@pbx>;tag=x'`` -> ``("Alice", "sip:1002@pbx")``."""
+    value = value.strip()
+    if "<" in value and ">" in value:
+        name = value.split("<", 1)[0].strip().strip('"').strip()
+        return name, value.split("<", 1)[1].split(">", 1)[0]
+    return "", value.split(";", 1)[0]
 
 
 def _resolve(future: asyncio.Future[int] | None, value: int) -> None:

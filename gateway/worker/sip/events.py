@@ -94,6 +94,28 @@ class SipControlFailed:
 
 
 @dataclass(frozen=True)
+class SipRegistration:
+    """A registration's state changed: active (with its expiry) or not (with the code)."""
+
+    reg: int
+    active: bool
+    code: int
+    reason: str
+    expires: int = 0
+
+
+@dataclass(frozen=True)
+class SipIncoming:
+    """An INVITE for a registered user, now ringing (180 sent)."""
+
+    key: int
+    reg: int
+    from_uri: str
+    display_name: str
+    to_uri: str
+
+
+@dataclass(frozen=True)
 class SipReleased:
     """pjsua2 freed the call slot (after the end, possibly much later)."""
 
@@ -110,5 +132,7 @@ SipEvent = (
     | SipHold
     | SipDtmf
     | SipControlFailed
+    | SipRegistration
+    | SipIncoming
     | SipReleased
 )

@@ -40,28 +40,33 @@ class BadOffer(ValueError):
 
 def check_offer(sdp: str) -> None:
     """Raise :class:`BadOffer` unless ``sdp`` parses and has a usable audio section."""
+    check_description(sdp, "offer")
+
+
+def check_description(sdp: str, kind: str) -> None:
+    """:func:`check_offer` for an ``offer`` or an ``answer`` (the browser's SDP)."""
     if "\r\n" not in sdp and "\n" not in sdp:
-        raise BadOffer("offer is not an SDP document")
+        raise BadOffer(f"{kind} is not an SDP document")
     try:
         description = SessionDescription.parse(sdp)
     except Exception:  # aiortc raises ValueError/IndexError/KeyError/... on junk
         raise BadOffer(
-            "offer SDP could not be parsed: a line is malformed or has a value out of range"
+            f"{kind} SDP could not be parsed: a line is malformed or has a value out of range"
         ) from None
     audio = [m for m in description.media if m.kind == "audio" and m.port != 0]
     if not audio:
-        raise BadOffer("offer has no audio section")
+        raise BadOffer(f"{kind} has no audio section")
     mids = [m.rtp.muxId for m in description.media if m.rtp.muxId]
     if len(set(mids)) != len(mids):
-        raise BadOffer("offer has two media sections with the same a=mid")
+        raise BadOffer(f"{kind} has two media sections with the same a=mid")
     for index, media in enumerate(description.media, 1):
         _check_section(index, media)
     if not audio[0].dtls or not audio[0].dtls.fingerprints:
-        raise BadOffer("offer audio section has no DTLS fingerprint")
+        raise BadOffer(f"{kind} audio section has no DTLS fingerprint")
     if not any(
         c.mimeType.lower() in {p.lower() for p in PREFERRED_CODECS} for c in audio[0].rtp.codecs
     ):
-        raise BadOffer("offer has none of the audio codecs opus, PCMU, PCMA")
+        raise BadOffer(f"{kind} has none of the audio codecs opus, PCMU, PCMA")
 
 
 def _check_section(index: int, media: MediaDescription) -> None:
@@ -173,6 +178,33 @@ class WebRtcLeg:
         local = self.pc.localDescription.sdp
         self.codec = negotiated_codec(local)
         return str(local)
+
+    async def offer(self, outgoing: MediaStreamTrack) -> str:
+        """Make the offer of an incoming call: one audio section, Opus first."""
+        transceiver = self.pc.addTransceiver(outgoing, direction="sendrecv")
+        capabilities = RTCRtpSender.getCapabilities("audio").codecs
+        transceiver.setCodecPreferences(
+            [
+                codec
+                for name in PREFERRED_CODECS
+                for codec in capabilities
+                if codec.mimeType.lower() == name.lower()
+            ]
+        )
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        return str(self.pc.localDescription.sdp)
+
+    async def accept(self, answer_sdp: str) -> None:
+        """Apply the browser's answer to our offer (raises :class:`BadOffer` if unusable)."""
+        check_description(answer_sdp, "answer")
+        if self._loopback_only:
+            answer_sdp = loopback_candidates_only(answer_sdp)
+        try:
+            await self.pc.setRemoteDescription(RTCSessionDescription(answer_sdp, "answer"))
+        except Exception as exc:
+            logger.debug("answer rejected by aiortc: %r", exc)
+            raise BadOffer("answer rejected: the WebRTC stack cannot apply this SDP") from None
+        self.codec = negotiated_codec(answer_sdp)
 
     async def remote_audio(self) -> MediaStreamTrack:
         """The browser's audio track (known once the offer is applied)."""

@@ -1,0 +1,187 @@
+"""The browser as a PBX extension: it registers through the gateway and takes calls.
+
+Kamailio is the registrar and proxy (digest auth, usrloc in memory); a pjsua2
+phone registered as 1002 is the caller; the aiortc client registers as 1001.
+Everything goes through Kamailio the way it would through Asterisk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from peers.gateway import Gateway, free_port, make_config, start_gateway, stop_gateway
+from peers.kamailio import Kamailio
+from peers.pjsua_phone import PjsuaPhone, SipAccount
+from peers.webclient import WebClient
+
+pytestmark = pytest.mark.timeout(120)
+
+USERS = {"1001": "secret1", "1002": "secret2"}
+RING_TIMEOUT = 4.0
+PHONE_HZ = 700
+BROWSER_HZ = 1000
+
+
+@asynccontextmanager
+async def pbx(tmp_path: Any, **options: Any) -> AsyncIterator[tuple[Kamailio, Gateway]]:
+    """Kamailio, and a gateway registering to it (its own process: the registrar differs)."""
+    async with Kamailio(tmp_path, USERS, **options) as kam:
+        port = free_port()
+        settings = {
+            "registrar": {
+                "uri": kam.registrar,
+                "domain": kam.realm,
+                "ring_timeout": RING_TIMEOUT,
+            }
+        }
+        gw = start_gateway(tmp_path, make_config(port, settings=settings), http_port=port)
+        try:
+            await asyncio.to_thread(gw.wait_ready)
+            yield kam, gw
+        finally:
+            await asyncio.to_thread(stop_gateway, gw)
+
+
+@asynccontextmanager
+async def caller(tmp_path: Any, kam: Kamailio) -> AsyncIterator[PjsuaPhone]:
+    account = SipAccount("1002", USERS["1002"], kam.registrar, domain=kam.realm)
+    async with PjsuaPhone(tmp_path, tone_hz=PHONE_HZ, account=account) as phone:
+        await phone.wait_registered()
+        yield phone
+
+
+async def registered(client: WebClient, user: str = "1001", password: str = "secret1") -> None:
+    reply = await client.request({"type": "register", "user": user, "password": password})
+    assert (reply["type"], reply["user"]) == ("registered", user), reply
+    assert reply["expires"] > 0
+
+
+async def test_register_incoming_call_and_tones_both_ways(tmp_path):
+    async with pbx(tmp_path) as (kam, gw), WebClient(gw.url) as client:
+        await registered(client)
+        assert kam.log().replies("REGISTER", "1001") == [401, 200]
+        assert await kam.contacts("1001")
+        async with caller(tmp_path, kam) as phone:
+            await phone.call(f"sip:1001@{kam.realm}")
+            incoming = await client.wait_message(lambda m: m["type"] == "incoming", 10)
+            assert incoming["from"].startswith("sip:1002@"), incoming
+            assert incoming["to"].startswith("sip:1001@"), incoming
+            assert "opus/48000" in incoming["sdp"]
+            call = await client.accept(incoming, tone_hz=BROWSER_HZ)
+            accepted = await client.wait_event(call, ("accepted", "hangup"), 10)
+            assert accepted["type"] == "accepted", accepted
+            await phone.wait_confirmed()
+            tone = await call.wait_for_tone(PHONE_HZ)
+            assert abs(tone.hz - PHONE_HZ) <= 10 and tone.rms > 0.03, tone
+            heard = await phone.wait_for_tone(BROWSER_HZ)
+            assert abs(heard.hz - BROWSER_HZ) <= 10 and heard.rms > 0.03, heard
+            reply = await client.hangup(call.call_id)
+            assert (reply["type"], reply["outcome"]) == ("hangup", "local_bye"), reply
+            await phone.wait_disconnected()
+
+
+async def test_caller_cancels_before_the_answer(tmp_path):
+    async with pbx(tmp_path) as (kam, gw), WebClient(gw.url) as client:
+        await registered(client)
+        async with caller(tmp_path, kam) as phone:
+            await phone.call(f"sip:1001@{kam.realm}")
+            incoming = await client.wait_message(lambda m: m["type"] == "incoming", 10)
+            await phone.hangup()
+            hangup = await client.wait_message(
+                lambda m: m["type"] == "hangup" and m["call"] == incoming["call"], 10
+            )
+            assert (hangup["outcome"], hangup["code"], hangup["by"]) == (
+                "remote_cancel",
+                487,
+                "remote",
+            )
+            late = await client.request({"type": "accept", "call": incoming["call"], "sdp": "x"})
+            assert late["code"] in ("wrong_state", "not_found"), late
+
+
+async def test_reject_and_no_answer_reach_the_caller(tmp_path):
+    async with pbx(tmp_path) as (kam, gw), WebClient(gw.url) as client:
+        await registered(client)
+        async with caller(tmp_path, kam) as phone:
+            await phone.call(f"sip:1001@{kam.realm}")
+            incoming = await client.wait_message(lambda m: m["type"] == "incoming", 10)
+            await client.send({"type": "reject", "call": incoming["call"], "code": 486})
+            gone = await phone.wait_disconnected()
+            assert gone["code"] == 486, gone
+
+            start = len(client.messages)
+            mark = len(phone.events)
+            await phone.call(f"sip:1001@{kam.realm}")
+            incoming = await client.wait_message(lambda m: m["type"] == "incoming", 10, start)
+            t0 = time.monotonic()
+            hangup = await client.wait_message(
+                lambda m: m["type"] == "hangup" and m["call"] == incoming["call"],
+                RING_TIMEOUT + 5,
+                start,
+            )
+            assert RING_TIMEOUT - 0.5 <= time.monotonic() - t0 <= RING_TIMEOUT + 2
+            assert (hangup["outcome"], hangup["code"]) == ("no_answer", 480), hangup
+            gone = await phone.wait_event("disconnected", 10, mark)
+            assert gone["code"] == 480, gone
+
+
+async def test_two_tabs_ring_and_the_first_accept_wins(tmp_path):
+    async with (
+        pbx(tmp_path) as (kam, gw),
+        WebClient(gw.url) as first,
+        WebClient(gw.url) as second,
+    ):
+        await registered(first)
+        await registered(second)  # shares the registration
+        assert len(kam.log().replies("REGISTER", "1001")) == 2  # one 401, one 200
+        async with caller(tmp_path, kam) as phone:
+            await phone.call(f"sip:1001@{kam.realm}")
+            ring1 = await first.wait_message(lambda m: m["type"] == "incoming", 10)
+            ring2 = await second.wait_message(lambda m: m["type"] == "incoming", 10)
+            assert ring1["call"] == ring2["call"]
+            call = await second.accept(ring2, tone_hz=BROWSER_HZ)
+            elsewhere = await first.wait_message(lambda m: m["type"] == "hangup", 10)
+            assert elsewhere["outcome"] == "answered_elsewhere", elsewhere
+            await second.wait_event(call, "accepted", 10)
+            tone = await call.wait_for_tone(PHONE_HZ)
+            assert abs(tone.hz - PHONE_HZ) <= 10 and tone.rms > 0.03, tone
+            await second.hangup(call.call_id)
+            await phone.wait_disconnected()
+
+
+async def test_wrong_password_fails_once_and_is_not_retried(tmp_path):
+    async with pbx(tmp_path) as (kam, gw), WebClient(gw.url) as client:
+        reply = await client.request(
+            {"type": "register", "user": "1001", "password": "wrong"}, timeout=15
+        )
+        assert reply["type"] == "registration_failed", reply
+        assert reply["code"] in (401, 403), reply
+        await asyncio.sleep(3)
+        attempts = kam.log().replies("REGISTER", "1001")
+        assert attempts.count(200) == 0 and len(attempts) <= 3, attempts
+        again = await client.request({"type": "register", "user": "1001", "password": "secret1"})
+        assert again["type"] == "registered", again
+
+
+async def test_refresh_before_expiry_and_unregister_when_the_socket_closes(tmp_path):
+    async with pbx(tmp_path, max_expires=10, min_expires=5, default_expires=10) as (kam, gw):
+        client = WebClient(gw.url)
+        await client.connect()
+        try:
+            await registered(client)
+            twice = await client.request({"type": "register", "user": "1001", "password": "x"})
+            assert twice["code"] == "wrong_state", twice
+            # The registrar grants 10 s: pjsip refreshes before that.
+            await kam.wait_log(lambda log: log.replies("REGISTER", "1001").count(200) >= 2, 15)
+            assert await kam.contacts("1001")
+        finally:
+            await client.close()
+        deadline = time.monotonic() + 10
+        while await kam.contacts("1001"):
+            assert time.monotonic() < deadline, "the registration outlived its WebSocket"
+            await asyncio.sleep(0.2)
