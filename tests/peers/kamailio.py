@@ -672,9 +672,14 @@ _LIVE: dict[int, asyncio.subprocess.Process] = {}
 
 
 def _kill_group(proc: asyncio.subprocess.Process) -> None:
-    """SIGKILL kamailio's process group (it leads a session of its own)."""
-    with contextlib.suppress(OSError):
-        os.killpg(proc.pid, signal.SIGKILL)
+    """SIGKILL kamailio's process group (it leads a session of its own).
+
+    Only while its main process is not reaped: until then the group id is ours.
+    (Once reaped, its children are gone too: the main process ends them first.)
+    """
+    if proc.returncode is None:
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, signal.SIGKILL)
     _LIVE.pop(proc.pid, None)
 
 
@@ -886,7 +891,7 @@ class Kamailio:
             raise
         finally:
             if proc is not None:
-                _kill_group(proc)  # any child left behind
+                _LIVE.pop(proc.pid, None)
                 self._returncode = proc.returncode
             if self._log_file is not None:
                 self._log_file.close()
@@ -927,6 +932,13 @@ class Kamailio:
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
+
+    @property
+    def returncode(self) -> int | None:
+        """Kamailio's exit status once it has exited (None while it runs)."""
+        if self._proc is not None:
+            return self._proc.returncode
+        return getattr(self, "_returncode", None)
 
     @property
     def running(self) -> bool:
