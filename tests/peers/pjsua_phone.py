@@ -15,6 +15,15 @@ The phone binds SIP/UDP and RTP to 127.0.0.1 only (RTP in the port range it is
 given), answers every INVITE (optionally with a 180 first), plays a steady sine
 into the call and keeps the last 2 s of what it receives (16 kHz mono).
 
+With an ``account`` (:class:`SipAccount`) it also registers to a registrar with
+digest credentials and sends its requests through an outbound proxy (by default the
+registrar), as a desk phone on a PBX does; it can then place calls too::
+
+    account = SipAccount("1002", "secret", kam.registrar, domain=kam.realm)
+    async with PjsuaPhone(tmp_path, account=account) as phone:
+        await phone.wait_registered()                # a 200 to its REGISTER
+        await phone.call("sip:1003@sipgw.test")      # through the proxy
+
 The process (``python tests/peers/pjsua_phone.py --port 0 ...``) is driven by
 JSON lines on stdin and reports JSON lines on stdout.
 
@@ -29,9 +38,15 @@ Commands (``{"cmd": ..., "id": ...}``; every command gets one reply
     RTP socket on another port (``PJSUA_CALL_REINIT_MEDIA``), or an offer with
     only that codec. The reply says the re-INVITE went out; its outcome comes as
     ``{"event": "reinvite", "id": ..., "code": 200, "media": {...}}``.
+``call`` (``uri``)
+    place a call (INVITE) from the phone's account; the reply says it went out.
+``register`` (``renew``, default true)
+    REGISTER again now, or unregister (``renew`` false: Expires 0).
 ``hangup``, ``status``, ``quit``.
 
-Events: ``ready`` (``port``), ``incoming``, ``state``, ``confirmed``, ``media``
+Events: ``ready`` (``port``), ``reg`` (``code``, ``reason``, ``expiration``: the
+outcome of every REGISTER transaction, 0 expiration once unregistered),
+``incoming``, ``state``, ``confirmed``, ``media``
 (after every media change: the media status, pjsua's direction, the codec, the
 local RTP port and the last local and remote SDP: direction, port, codecs),
 ``reinvite``, ``disconnected`` (``code``, ``reason``), ``error``.
@@ -168,6 +183,44 @@ class PhoneError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class SipAccount:
+    """A registering account for the phone: AoR ``sip:<user>@<domain>``.
+
+    ``domain`` defaults to the registrar's host; ``proxy`` (outbound proxy, every
+    request goes through it) to the registrar with ``;lr``; ``proxy=None`` sends
+    requests straight to their URI. ``expires`` is the Expires the phone asks for
+    (the registrar may shorten it; pjsua refreshes 5 s before the end, at most
+    every 5 s), ``retry`` the seconds before it tries again after a REGISTER that
+    timed out or met a server error. pjsua does not try again by itself after its
+    credentials were refused (401 or 403 to them): :meth:`PjsuaPhone.register` does.
+    """
+
+    user: str
+    password: str
+    registrar: str
+    domain: str = ""
+    proxy: str | None = ""
+    expires: int = 300
+    retry: int = 60
+
+    def args(self) -> list[str]:
+        out = [
+            "--user", self.user,
+            "--password", self.password,
+            "--registrar", self.registrar,
+            "--reg-expires", str(self.expires),
+            "--reg-retry", str(self.retry),
+        ]  # fmt: skip
+        if self.domain:
+            out += ["--domain", self.domain]
+        if self.proxy is None:
+            out += ["--no-proxy"]
+        elif self.proxy:
+            out += ["--proxy", self.proxy]
+        return out
+
+
+@dataclass(frozen=True)
 class Media:
     """One ``media`` snapshot of the phone's call (see :func:`_media_snapshot`)."""
 
@@ -247,6 +300,7 @@ class PjsuaPhone:
         codecs: tuple[str, ...] = ("PCMU", "PCMA"),
         rtp_span: int = 40,
         log_level: int = 4,
+        account: SipAccount | None = None,
     ) -> None:
         self.tone_hz = tone_hz
         self.ring = ring
@@ -254,6 +308,7 @@ class PjsuaPhone:
         self.codecs = codecs
         self.rtp_span = rtp_span
         self.log_level = log_level
+        self.account = account
         self.workdir = _make_workdir(Path(tmp_path))
         self.log_path = self.workdir / "pjsip.log"
         self.stderr_path = self.workdir / "stderr.txt"
@@ -288,6 +343,7 @@ class PjsuaPhone:
             "--log-level",
             str(self.log_level),
             *(["--ring"] if self.ring else []),
+            *(self.account.args() if self.account else []),
         ]
 
     async def start(self) -> PjsuaPhone:
@@ -490,6 +546,26 @@ class PjsuaPhone:
     async def hangup(self) -> None:
         await self.command("hangup")
 
+    async def call(self, uri: str) -> None:
+        """Place a call to ``uri``; wait for it with :meth:`wait_confirmed`."""
+        await self.command("call", uri=uri)
+
+    def reg_events(self) -> list[dict[str, Any]]:
+        """The outcome of every REGISTER so far (``code``, ``reason``, ``expiration``)."""
+        return [e for e in self._events.items if e.get("event") == "reg"]
+
+    async def wait_registered(self, timeout: float = 10.0, start: int = 0) -> dict[str, Any]:
+        """The first ``reg`` event from event index ``start`` with a 200 and an expiration."""
+        return await self.wait_event(
+            lambda e: e.get("event") == "reg" and e.get("code") == 200 and e["expiration"] > 0,
+            timeout,
+            start,
+        )
+
+    async def register(self, renew: bool = True) -> None:
+        """REGISTER again now (``renew=False``: unregister); outcome in a ``reg`` event."""
+        await self.command("register", renew=renew)
+
     async def status(self) -> dict[str, Any]:
         return await self.command("status")
 
@@ -663,6 +739,8 @@ def _run_phone(args: argparse.Namespace) -> int:
             #: what plays into every call, and what keeps what every call plays
             self.tone: Any = None
             self.receiver: Receiver | None = None
+            #: the phone's one account (places the calls of the ``call`` command)
+            self.account: Any = None
 
         @property
         def call(self) -> PhoneCall | None:
@@ -770,6 +848,9 @@ def _run_phone(args: argparse.Namespace) -> int:
             return snap
 
     class PhoneAccount(pj.Account):  # type: ignore[misc]
+        def onRegState(self, prm: Any) -> None:
+            emit("reg", code=prm.code, reason=prm.reason, expiration=prm.expiration)
+
         def onIncomingCall(self, prm: Any) -> None:
             call = PhoneCall(self, prm.callId)
             phone.calls.append(call)
@@ -817,12 +898,23 @@ def _run_phone(args: argparse.Namespace) -> int:
     acfg = pj.AccountConfig()
     acfg.idUri = f"sip:phone@{HOST}:{sip_port}"
     acfg.sipConfig.transportId = transport
+    if args.registrar:
+        domain = args.domain or args.registrar.split(":", 1)[1].split(";")[0]
+        acfg.idUri = f"sip:{args.user}@{domain}"
+        acfg.regConfig.registrarUri = args.registrar
+        acfg.regConfig.timeoutSec = args.reg_expires
+        acfg.regConfig.retryIntervalSec = args.reg_retry
+        acfg.regConfig.firstRetryIntervalSec = args.reg_retry
+        cred = pj.AuthCredInfo("digest", "*", args.user, 0, args.password)
+        acfg.sipConfig.authCreds.append(cred)
+        if not args.no_proxy:
+            acfg.sipConfig.proxies.append(args.proxy or f"{args.registrar};lr")
     acfg.mediaConfig.transportConfig.boundAddress = HOST
     acfg.mediaConfig.transportConfig.publicAddress = HOST
     acfg.mediaConfig.transportConfig.port = args.rtp_port
     acfg.mediaConfig.transportConfig.portRange = args.rtp_range
     acfg.mediaConfig.lockCodecEnabled = False
-    account = PhoneAccount()
+    account = phone.account = PhoneAccount()
     account.create(acfg, True)
 
     receiver = phone.receiver = Receiver()
@@ -895,6 +987,14 @@ def _run_phone(args: argparse.Namespace) -> int:
             return {"ok": True, "hz": hz, "rms": rms, "age": round(age, 3)}
         if name == "codecs":
             set_codecs(list(command.get("names", [])))
+            return {"ok": True}
+        if name == "call":
+            outgoing = PhoneCall(phone.account, pj.PJSUA_INVALID_ID)
+            outgoing.makeCall(str(command.get("uri", "")), pj.CallOpParam(True))
+            phone.calls.append(outgoing)
+            return {"ok": True}
+        if name == "register":
+            phone.account.setRegistration(bool(command.get("renew", True)))
             return {"ok": True}
         call = phone.call
         if name == "status":
@@ -1016,6 +1116,7 @@ def _run_phone(args: argparse.Namespace) -> int:
         phone.tone = phone.receiver = None
         del tone, receiver
         account.shutdown()
+        phone.account = None
         del account
         gc.collect()
         ep.libDestroy()
@@ -1034,6 +1135,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--answer-delay-ms", type=int, default=0, help="answer this much later")
     ap.add_argument("--log", default=None, help="pjsip log file")
     ap.add_argument("--log-level", type=int, default=4, help="pjsip log level for --log")
+    ap.add_argument("--registrar", default="", help="register there (e.g. sip:127.0.0.1:5060)")
+    ap.add_argument("--user", default="phone", help="the account's user (and digest user)")
+    ap.add_argument("--password", default="", help="digest password")
+    ap.add_argument("--domain", default="", help="AoR domain (default: the registrar's host)")
+    ap.add_argument("--proxy", default="", help="outbound proxy (default: registrar;lr)")
+    ap.add_argument("--no-proxy", action="store_true", help="no outbound proxy")
+    ap.add_argument("--reg-expires", type=int, default=300, help="Expires asked for")
+    ap.add_argument("--reg-retry", type=int, default=60, help="seconds between failed REGISTERs")
     args = ap.parse_args(argv)
     for name in args.codecs.split(","):
         if name not in CODEC_IDS:
