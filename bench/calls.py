@@ -32,29 +32,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from peers.gateway import free_port, make_config, start_gateway, stop_gateway  # noqa: E402
 from peers.sipp import SippPhone  # noqa: E402
+from peers.volume import process_tree  # noqa: E402
 from peers.webclient import WebClient  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def process_tree(root: int) -> list[int]:
-    """``root`` and all its descendants, from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(children.get(pid, []))
-    return tree
 
 
 def cpu_seconds(pids: list[int]) -> float:

@@ -13,9 +13,10 @@ its calls end.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict
 from typing import Any
 
@@ -245,22 +246,8 @@ class Session:
             ) from None
 
     def _on_hangup(self, request: Hangup) -> None:
-        try:
+        with _call_errors("hangup", request.call, request.id, "is already hanging up"):
             self._manager.hangup(self, request.call, request.id)
-        except UnknownCall:
-            raise ProtocolError(
-                "not_found",
-                f"hangup: no call {request.call!r} on this connection",
-                id=request.id,
-                call=request.call,
-            ) from None
-        except AlreadyEnding:
-            raise ProtocolError(
-                "wrong_state",
-                f"hangup: call {request.call!r} is already hanging up",
-                id=request.id,
-                call=request.call,
-            ) from None
 
     def _on_ping(self, request: Ping) -> None:
         self.send(Pong(id=request.id))
@@ -294,25 +281,11 @@ class Session:
     def _answer_incoming(
         self, action: str, call_id: str, request_id: str | None, sdp: str = "", code: int = 0
     ) -> None:
-        try:
+        with _call_errors(action, call_id, request_id, "is not an incoming call that is ringing"):
             if action == "accept":
                 self._manager.accept(self, call_id, sdp, request_id)
             else:
                 self._manager.reject(self, call_id, code, request_id)
-        except UnknownCall:
-            raise ProtocolError(
-                "not_found",
-                f"{action}: no call {call_id!r} on this connection",
-                id=request_id,
-                call=call_id,
-            ) from None
-        except NotAnswered:
-            raise ProtocolError(
-                "wrong_state",
-                f"{action}: call {call_id!r} is not an incoming call that is ringing",
-                id=request_id,
-                call=call_id,
-            ) from None
 
     def _on_dtmf(self, request: Dtmf) -> None:
         self._control("dtmf", request.call, request.id, request.digits, request.method)
@@ -326,22 +299,8 @@ class Session:
     def _control(
         self, action: str, call_id: str, request_id: str | None, digits: str = "", method: str = ""
     ) -> None:
-        try:
+        with _call_errors(action, call_id, request_id, "is not answered (or is ending)"):
             self._manager.control(self, call_id, action, request_id, digits, method)
-        except UnknownCall:
-            raise ProtocolError(
-                "not_found",
-                f"{action}: no call {call_id!r} on this connection",
-                id=request_id,
-                call=call_id,
-            ) from None
-        except NotAnswered:
-            raise ProtocolError(
-                "wrong_state",
-                f"{action}: call {call_id!r} is not answered (or is ending)",
-                id=request_id,
-                call=call_id,
-            ) from None
 
     # --- the call manager's news, as wire messages ----------------------------------------
 
@@ -391,6 +350,26 @@ class Session:
         self, call_id: str, refusal: Refusal, message: str, request_id: str | None
     ) -> None:
         self.send(Error(refusal.error, message, id=request_id, call=call_id))
+
+
+@contextlib.contextmanager
+def _call_errors(
+    action: str, call_id: str, request_id: str | None, wrong_state: str
+) -> Iterator[None]:
+    """Turn the call manager's refusals of a request about ``call_id`` into errors."""
+    try:
+        yield
+    except UnknownCall:
+        raise ProtocolError(
+            "not_found",
+            f"{action}: no call {call_id!r} on this connection",
+            id=request_id,
+            call=call_id,
+        ) from None
+    except (NotAnswered, AlreadyEnding):
+        raise ProtocolError(
+            "wrong_state", f"{action}: call {call_id!r} {wrong_state}", id=request_id, call=call_id
+        ) from None
 
 
 def websocket_handler(
