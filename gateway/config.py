@@ -21,7 +21,7 @@ from typing import Any
 from dialplan import DialplanError, Rule, load_rules
 
 #: Names the dialplan templates may use besides the number placeholders.
-DIALPLAN_VARIABLES = ("embedded",)
+DIALPLAN_VARIABLES = ("embedded", "registrar")
 
 
 class ConfigError(ValueError):
@@ -330,6 +330,13 @@ class Config:
         ):
             section.validate()
         self._validate_accounts()
+        if not self.registrar.uri:
+            for rule in self.rules:
+                if rule.target and "{registrar}" in rule.target:
+                    raise ConfigError(
+                        f"config: dialplan rule {rule.name!r} routes to {{registrar}} "
+                        "but registrar.uri is not set"
+                    )
         last = self.workers.count - 1
         if self.sip.port and self.sip.port + last > 65535:
             raise ConfigError(

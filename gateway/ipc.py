@@ -93,6 +93,9 @@ class StartCall:
     key: int
     offer_sdp: str
     uri: str
+    #: Place it from this registration's account (From, digest, outbound proxy);
+    #: 0: the worker's own identity.
+    account: int = 0
 
 
 @dataclass(frozen=True)

@@ -151,7 +151,7 @@ async def _workers_and_calls(app: web.Application) -> AsyncIterator[None]:
     manager = CallManager(
         pool,
         config.rules,
-        {},
+        {"registrar": config.registrar.realm_domain} if config.registrar.uri else {},
         app[METRICS],
         config.http.max_calls_per_connection,
         config.http.max_call_rate,

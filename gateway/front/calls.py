@@ -70,8 +70,8 @@ W = TypeVar("W", bound=WorkerRef)
 class Pool(Protocol[W]):
     """The worker pool, as far as the manager is concerned."""
 
-    def acquire(self, key: int) -> W:
-        """A worker slot for call ``key``, or :class:`~gateway.outcomes.Refused`."""
+    def acquire(self, key: int, only: W | None = None) -> W:
+        """A worker slot for call ``key`` (on ``only`` if given), or ``Refused``."""
         ...
 
     def release(self, worker: W, key: int) -> None: ...
@@ -317,8 +317,15 @@ class CallManager(Generic[W]):
             raise Refused(
                 refusal, f"{to!r} may not be dialled: {decision.reason} (SIP {decision.code})"
             )
-        worker = self._pool.acquire(key)
-        if not self._pool.send(worker, StartCall(key, sdp, decision.uri)):
+        account, only = 0, None
+        registrar = variables.get("registrar")
+        if registrar and self.registrations is not None and f"@{registrar}" in decision.uri:
+            # A registered user calls the PBX as itself: its account, on its worker.
+            held = self.registrations.active_for(cast(Any, owner))
+            if held is not None:
+                account, only = held
+        worker = self._pool.acquire(key, only)
+        if not self._pool.send(worker, StartCall(key, sdp, decision.uri, account)):
             self._pool.release(worker, key)
             raise Refused(Refusal.WORKER_UNREACHABLE, "the gateway worker is restarting")
         embedded = "embedded" in variables and f"@{variables['embedded']}" in decision.uri

@@ -264,15 +264,16 @@ class WorkerPool(Generic[P]):
 
     # --- what the call manager uses ------------------------------------------------------
 
-    def acquire(self, key: int) -> WorkerHandle:
+    def acquire(self, key: int, only: WorkerHandle | None = None) -> WorkerHandle:
         """Reserve a call slot on the least loaded ready worker that may start a call now.
 
+        ``only``: that worker or none (a registered user's calls use its account there).
         Raises :class:`~gateway.outcomes.Refused` when no worker is ready, all are
         full, or those with room have started their quota of calls this second.
         """
         if not any(w.ready for w in self.workers):
             raise Refused(Refusal.NO_WORKER, "no gateway worker is running; try again shortly")
-        candidates = [w for w in self.workers if w.free > 0]
+        candidates = [w for w in self.workers if w.free > 0 and only in (None, w)]
         if not candidates:
             raise Refused(Refusal.NO_CAPACITY, "every gateway worker is at its call limit")
         paced = [w for w in candidates if not w.setups.full()]

@@ -101,6 +101,13 @@ class Registrations(Generic[W]):
     def count(self) -> int:
         return len(self._by_reg)
 
+    def active_for(self, owner: RegistrationOwner) -> tuple[int, W] | None:
+        """The registration number and worker of ``owner``'s active registration, if any."""
+        for registration in self._by_reg.values():
+            if owner in registration.owners and registration.state is RegState.ACTIVE:
+                return registration.reg, registration.worker
+        return None
+
     def owners(self, reg: int) -> list[RegistrationOwner]:
         registration = self._by_reg.get(reg)
         return list(registration.owners) if registration else []

@@ -115,6 +115,7 @@ class BridgedCall:
         self._bridge = MediaBridge()
         self._webrtc: WebRtcLeg | None = None
         self._uri = ""
+        self._account = 0
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._media_up = False
         self._uplink_seen = (-1, 0.0)  # (frames pushed, when that count was first seen)
@@ -138,13 +139,13 @@ class BridgedCall:
             SipReleased: self._on_released_by_sip,
         }
 
-    async def start(self, offer_sdp: str, uri: str) -> None:
+    async def start(self, offer_sdp: str, uri: str, account: int = 0) -> None:
         """Answer the browser's offer; send the INVITE once ICE and DTLS are up.
 
         With ``calls.invite_after_ice = false`` the INVITE goes out right after
         the answer and the set-up timeout runs alongside it.
         """
-        self._uri = uri
+        self._uri, self._account = uri, account
         self._webrtc = WebRtcLeg(
             self._params.ice_servers, self._on_webrtc_lost, self._loopback_only
         )
@@ -185,7 +186,9 @@ class BridgedCall:
         self.state = State.INVITING
         self._sip_released = False
         self._arm("invite", self._params.sip.invite_timeout, self._on_invite_timeout)
-        self._engine.make_call(self.key, self._uri, self._bridge.from_sip, self._bridge.to_sip)
+        self._engine.make_call(
+            self.key, self._uri, self._bridge.from_sip, self._bridge.to_sip, self._account
+        )
         target = udp_target(self._uri)
         if target is not None:
             self._spawn(self._probe(target))

@@ -143,7 +143,7 @@ class Worker:
         )
         self._calls[message.key] = call
         self._idle.clear()
-        self._spawn(call.start(message.offer_sdp, message.uri))
+        self._spawn(call.start(message.offer_sdp, message.uri, message.account))
 
     def _on_end_call(self, message: EndCall) -> None:
         call = self._calls.get(message.key)

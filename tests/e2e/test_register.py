@@ -23,6 +23,13 @@ pytestmark = pytest.mark.timeout(120)
 
 USERS = {"1001": "secret1", "1002": "secret2"}
 RING_TIMEOUT = 4.0
+#: Extensions 1000-1099 are on the PBX.
+PBX_RULE = """
+[[dialplan.rules]]
+name = "pbx"
+regex = "10[0-9][0-9]"
+target = "sip:{number}@{registrar}"
+"""
 PHONE_HZ = 700
 BROWSER_HZ = 1000
 
@@ -39,7 +46,8 @@ async def pbx(tmp_path: Any, **options: Any) -> AsyncIterator[tuple[Kamailio, Ga
                 "ring_timeout": RING_TIMEOUT,
             }
         }
-        gw = start_gateway(tmp_path, make_config(port, settings=settings), http_port=port)
+        text = make_config(port, settings=settings) + PBX_RULE
+        gw = start_gateway(tmp_path, text, http_port=port)
         try:
             await asyncio.to_thread(gw.wait_ready)
             yield kam, gw
@@ -185,3 +193,26 @@ async def test_refresh_before_expiry_and_unregister_when_the_socket_closes(tmp_p
         while await kam.contacts("1001"):
             assert time.monotonic() < deadline, "the registration outlived its WebSocket"
             await asyncio.sleep(0.2)
+
+
+async def test_registered_browser_calls_an_extension_as_itself(tmp_path):
+    # Kamailio challenges every INVITE that is not from a trusted source (407):
+    # the call must come from 1001's account, with its credentials.
+    async with pbx(tmp_path) as (kam, gw), WebClient(gw.url) as client:
+        await registered(client)
+        async with caller(tmp_path, kam) as phone:
+            call = await client.establish("c1", "1002", tone_hz=BROWSER_HZ)
+            accepted = await client.wait_event(call, ("accepted", "hangup"), 15)
+            assert accepted["type"] == "accepted", accepted
+            await phone.wait_confirmed()
+            log = kam.log()
+            assert log.replies("INVITE", "1001")[:1] == [407], log.describe()[-3000:]
+            assert log.forwarded("INVITE", "1002")
+            invite = [m for m in log.messages if m.method == "INVITE"][0]
+            assert "sip:1001@" in invite.header("From"), invite.header("From")
+            tone = await call.wait_for_tone(PHONE_HZ)
+            assert abs(tone.hz - PHONE_HZ) <= 10 and tone.rms > 0.03, tone
+            heard = await phone.wait_for_tone(BROWSER_HZ)
+            assert abs(heard.hz - BROWSER_HZ) <= 10 and heard.rms > 0.03, heard
+            await client.hangup("c1")
+            await phone.wait_disconnected()

@@ -90,6 +90,7 @@ class _MakeCall:
     uri: str
     from_sip: FrameBuffer
     to_sip: FrameBuffer
+    account: int = 0
 
 
 @dataclass(frozen=True)
@@ -531,9 +532,14 @@ class SipEngine:
             self._thread = None
             raise
 
-    def make_call(self, key: int, uri: str, from_sip: FrameBuffer, to_sip: FrameBuffer) -> None:
-        """Queue an INVITE to ``uri``; its audio goes to ``from_sip``, comes from ``to_sip``."""
-        self._commands.put(_MakeCall(key, uri, from_sip, to_sip))
+    def make_call(
+        self, key: int, uri: str, from_sip: FrameBuffer, to_sip: FrameBuffer, account: int = 0
+    ) -> None:
+        """Queue an INVITE to ``uri``; its audio goes to ``from_sip``, comes from ``to_sip``.
+
+        ``account``: a registration's account to call from (0: the worker's own).
+        """
+        self._commands.put(_MakeCall(key, uri, from_sip, to_sip, account))
 
     def hangup(self, key: int, code: int = 0) -> None:
         """Queue a CANCEL or BYE for call ``key`` (no-op when it is already over).
@@ -681,6 +687,8 @@ class SipEngine:
         aor = f"sip:{command.user}@{domain}"
         config.idUri = f'"{command.display_name}" <{aor}>' if command.display_name else aor
         config.regConfig.registrarUri = registrar.uri
+        # Everything the user sends goes through the PBX, as from a desk phone.
+        config.sipConfig.proxies.append(registrar.uri + ";lr")
         config.regConfig.timeoutSec = registrar.expires
         # A failed registration is the browser's to retry (a wrong password must
         # not be tried again and again).
@@ -762,7 +770,8 @@ class SipEngine:
                 self.emit(SipMediaTimeout(call.key, timeout))
 
     def _make_call(self, command: _MakeCall) -> None:
-        call = _SipCall(self, self._account, command.key, (command.from_sip, command.to_sip))
+        account = self._accounts.get(command.account, self._account)
+        call = _SipCall(self, account, command.key, (command.from_sip, command.to_sip))
         self._calls[command.key] = call
         if call.port is None:  # cannot happen while calls <= max_calls; be safe
             call.disconnected = True
