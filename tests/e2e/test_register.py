@@ -8,6 +8,7 @@ Everything goes through Kamailio the way it would through Asterisk.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -208,7 +209,7 @@ async def test_registered_browser_calls_an_extension_as_itself(tmp_path):
             log = kam.log()
             assert log.replies("INVITE", "1001")[:1] == [407], log.describe()[-3000:]
             assert log.forwarded("INVITE", "1002")
-            invite = [m for m in log.messages if m.method == "INVITE"][0]
+            invite = next(m for m in log.messages if m.method == "INVITE")
             assert "sip:1001@" in invite.header("From"), invite.header("From")
             tone = await call.wait_for_tone(PHONE_HZ)
             assert abs(tone.hz - PHONE_HZ) <= 10 and tone.rms > 0.03, tone
@@ -216,3 +217,24 @@ async def test_registered_browser_calls_an_extension_as_itself(tmp_path):
             assert abs(heard.hz - BROWSER_HZ) <= 10 and heard.rms > 0.03, heard
             await client.hangup("c1")
             await phone.wait_disconnected()
+
+
+@pytest.mark.timeout(90)
+async def test_registrar_that_never_answers_fails_with_408(tmp_path):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as hole:
+        hole.bind(("127.0.0.1", 0))
+        port = free_port()
+        settings = {"registrar": {"uri": f"sip:127.0.0.1:{hole.getsockname()[1]}"}}
+        gw = start_gateway(tmp_path, make_config(port, settings=settings), http_port=port)
+        try:
+            await asyncio.to_thread(gw.wait_ready)
+            async with WebClient(gw.url) as client:
+                start = time.monotonic()
+                reply = await client.request(
+                    {"type": "register", "user": "1001", "password": "pw"}, timeout=45
+                )
+                elapsed = time.monotonic() - start
+                assert (reply["type"], reply["code"]) == ("registration_failed", 408), reply
+                assert elapsed < 40, elapsed  # pjsip's transaction timeout, 32 s
+        finally:
+            await asyncio.to_thread(stop_gateway, gw)
