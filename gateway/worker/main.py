@@ -19,9 +19,12 @@ from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from gateway.census import process_census
 from gateway.ipc import (
     AcceptCall,
     CallReleased,
+    Census,
+    CensusReport,
     Channel,
     ControlCall,
     EndCall,
@@ -41,7 +44,11 @@ from gateway.outcomes import End, ending
 from gateway.worker.call import BridgedCall
 from gateway.worker.sip.engine import SipEngine, SipStartError
 from gateway.worker.sip.events import SipEvent, SipIncoming, SipRegistration
-from gateway.worker.webrtc.peer import restrict_host_addresses, set_consent_timeout
+from gateway.worker.webrtc.peer import (
+    open_peer_connections,
+    restrict_host_addresses,
+    set_consent_timeout,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +95,7 @@ class Worker:
             Unregister: self._on_unregister,
             AcceptCall: self._on_accept_call,
             RejectCall: self._on_reject_call,
+            Census: self._on_census,
         }
         addresses = params.ice_addresses
         self._loopback_only = bool(addresses) and all(
@@ -154,6 +162,15 @@ class Worker:
         call = self._calls.get(message.key)
         if call is not None:
             call.control(message)
+
+    def _on_census(self, message: Census) -> None:
+        counts = {
+            **process_census(),
+            "calls": len(self._calls),
+            "peer_connections": open_peer_connections(),
+            "pjsua_calls": self._engine.pjsua_calls if self._engine is not None else 0,
+        }
+        self._send(CensusReport(message.seq, counts))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Callable, Sequence
 
 from aiortc import (
@@ -28,6 +29,14 @@ logger = logging.getLogger(__name__)
 
 #: Codecs accepted from the browser, most preferred first.
 PREFERRED_CODECS = ("audio/opus", "audio/PCMU", "audio/PCMA")
+
+#: Every peer connection this process made that still exists (for the census).
+_peer_connections: weakref.WeakSet[RTCPeerConnection] = weakref.WeakSet()
+
+
+def open_peer_connections() -> int:
+    """Peer connections made here and not closed yet: one per call, none once it ends."""
+    return sum(1 for pc in list(_peer_connections) if pc.connectionState != "closed")
 
 
 class BadOffer(ValueError):
@@ -106,6 +115,7 @@ class WebRtcLeg:
         ]
         # An explicit empty list: aiortc would otherwise add a public STUN server.
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=servers))
+        _peer_connections.add(self.pc)
         self._on_lost = on_lost
         self._loopback_only = loopback_only
         loop = asyncio.get_running_loop()
