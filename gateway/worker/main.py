@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -74,6 +75,14 @@ def run(sock: socket.socket, params: WorkerParams) -> None:
     asyncio.run(Worker(sock, params).run())
 
 
+async def _start_threads(executor: ThreadPoolExecutor, count: int) -> None:
+    """Make ``executor`` start ``count`` threads: each holds a task until all are up."""
+    barrier = threading.Barrier(count, timeout=5.0)
+    loop = asyncio.get_running_loop()
+    waits = [loop.run_in_executor(executor, barrier.wait) for _ in range(count)]
+    await asyncio.gather(*waits, return_exceptions=True)
+
+
 class Worker:
     """The asyncio side of a worker process."""
 
@@ -106,11 +115,13 @@ class Worker:
         loop = asyncio.get_running_loop()
         self._channel = await Channel.open(self._sock)
         # aiortc encodes every outgoing frame in the loop's default executor, so
-        # that pool is on the audio path: one thread per call slot, named.
+        # that pool is on the audio path: one thread per call slot, named, all
+        # started now (none is started mid-call, and the thread count is fixed).
         self._executor = ThreadPoolExecutor(
             max_workers=self._params.max_calls, thread_name_prefix="encode"
         )
         loop.set_default_executor(self._executor)
+        await _start_threads(self._executor, self._params.max_calls)
         self._engine = SipEngine(self._params, loop, self._on_sip)
         try:
             port = await self._engine.start()
