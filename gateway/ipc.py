@@ -320,7 +320,7 @@ class CensusReport:
     """The answer to :class:`Census` ``seq``: counts by name (workers and targets alike)."""
 
     seq: int
-    counts: dict[str, int]
+    counts: dict[str, Any]
 
 
 ToWorker = (

@@ -180,7 +180,7 @@ class WorkerPool(Generic[P]):
         self._closing = False
         self._restarts: set[asyncio.Task[None]] = set()
         self._census_seq = itertools.count(1)
-        self._censuses: dict[int, asyncio.Future[dict[str, int]]] = {}
+        self._censuses: dict[int, asyncio.Future[dict[str, Any]]] = {}
 
     async def start(self, timeout: float = 60.0) -> None:
         """Start every worker and wait until each reports ready.

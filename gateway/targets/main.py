@@ -245,7 +245,7 @@ def _serve(endpoint: Any, account: _TargetAccount, sock: socket.socket) -> None:
             send_blocking(sock, CensusReport(message.seq, _census(account)))
 
 
-def _census(account: _TargetAccount) -> dict[str, int]:
+def _census(account: _TargetAccount) -> dict[str, Any]:
     """This process's counts, its calls and pjsua's (on the owner thread)."""
     return {
         **process_census(),
