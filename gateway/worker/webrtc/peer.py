@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import weakref
 from collections.abc import Callable, Sequence
 
 from aiortc import (
@@ -36,13 +35,10 @@ PREFERRED_CODECS = ("audio/opus", "audio/PCMU", "audio/PCMA")
 #: ends after 5 s at worst, when a STUN server does not answer).
 ANSWER_GRACE = 10.0
 
-#: Every peer connection this process made that still exists (for the census).
-_peer_connections: weakref.WeakSet[RTCPeerConnection] = weakref.WeakSet()
-
 
 def open_peer_connections() -> int:
     """Peer connections made here and not closed yet: one per call, none once it ends."""
-    return sum(1 for pc in list(_peer_connections) if pc.connectionState != "closed")
+    return WebRtcLeg.unclosed
 
 
 class BadOffer(ValueError):
@@ -109,6 +105,10 @@ class WebRtcLeg:
     once through ``on_lost``; closing it ourselves reports nothing.
     """
 
+    #: Legs made in this process whose peer connection is not closed yet (for the
+    #: census): counted, not looked up, so that one dropped unclosed still counts.
+    unclosed = 0
+
     def __init__(
         self,
         ice_servers: Sequence[IceServer],
@@ -121,7 +121,8 @@ class WebRtcLeg:
         ]
         # An explicit empty list: aiortc would otherwise add a public STUN server.
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=servers))
-        _peer_connections.add(self.pc)
+        WebRtcLeg.unclosed += 1
+        self._counted = True
         self._on_lost = on_lost
         self._loopback_only = loopback_only
         loop = asyncio.get_running_loop()
@@ -257,6 +258,9 @@ class WebRtcLeg:
         except TimeoutError:
             logger.warning("closing a peer connection still answering after %s s", ANSWER_GRACE)
         await close_peer_connection(self.pc)
+        if self._counted:
+            self._counted = False
+            WebRtcLeg.unclosed -= 1
 
 
 async def close_peer_connection(pc: RTCPeerConnection) -> None:
