@@ -55,7 +55,10 @@ def leak_gate(request: pytest.FixtureRequest) -> Iterator[None]:
     gw = request.getfixturevalue("gateway")
     request.node.stash[BASELINE] = warm_baseline(gw)
     yield
+    leaks = None
     try:
         assert_no_leaks(gw, request.node.stash[BASELINE], what=request.node.nodeid)
     except AssertionError as exc:
-        pytest.fail(str(exc), pytrace=False)
+        leaks = str(exc)
+    if leaks is not None:
+        pytest.fail(leaks, pytrace=False)
