@@ -162,6 +162,13 @@ class Shutdown:
     """Hang up every call and exit."""
 
 
+@dataclass(frozen=True)
+class Census:
+    """Report what this process holds (:mod:`gateway.census`); ``seq`` names the reply."""
+
+    seq: int
+
+
 # --- worker -> front -----------------------------------------------------------------
 
 
@@ -311,10 +318,26 @@ class CallReleased:
     key: int
 
 
+@dataclass(frozen=True)
+class CensusReport:
+    """The answer to :class:`Census` ``seq``: counts by name (workers and targets alike)."""
+
+    seq: int
+    counts: dict[str, Any]
+
+
 ToWorker = (
-    StartCall | EndCall | ControlCall | Register | Unregister | AcceptCall | RejectCall | Shutdown
+    StartCall
+    | EndCall
+    | ControlCall
+    | Register
+    | Unregister
+    | AcceptCall
+    | RejectCall
+    | Shutdown
+    | Census
 )
-ToTargets = Shutdown
+ToTargets = Shutdown | Census
 FromWorker = (
     WorkerReady
     | WorkerFailed
@@ -330,6 +353,7 @@ FromWorker = (
     | RegistrationChanged
     | CallIncoming
     | CallReleased
+    | CensusReport
 )
 
 # --- the channel -----------------------------------------------------------------------
@@ -343,6 +367,26 @@ def send_blocking(sock: socket.socket, message: object) -> None:
     """Write one message the way :class:`Channel` frames it, for a process with no loop."""
     data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
     sock.sendall(_HEADER.pack(len(data)) + data)
+
+
+def recv_blocking(sock: socket.socket) -> Any:
+    """Read one message framed by :class:`Channel`, or ``None`` at end of file."""
+    header = _recv_exactly(sock, _HEADER.size)
+    if header is None:
+        return None
+    (size,) = _HEADER.unpack(header)
+    data = _recv_exactly(sock, size) if size <= MAX_MESSAGE else None
+    return pickle.loads(data) if data is not None else None
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes | None:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return data
 
 
 class Channel:

@@ -20,6 +20,7 @@ from typing import Any
 
 from aiohttp import WSCloseCode, web
 
+from gateway.census import process_census
 from gateway.config import Config
 from gateway.ipc import FromWorker, WorkerParams
 from gateway.outcomes import End, ending
@@ -104,6 +105,7 @@ def build_app(config: Config) -> web.Application:
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", _health)
     app.router.add_get("/readyz", _ready)
+    app.router.add_get("/debug/census", _census)
     return app
 
 
@@ -223,3 +225,28 @@ async def _ready(request: web.Request) -> web.Response:
         not_ready.append("shutting down")
     body = {"ready": not not_ready, "not_ready": not_ready}
     return web.json_response(body, status=503 if not_ready else 200)
+
+
+#: How long the census waits for each worker's and targets process's reply.
+CENSUS_TIMEOUT = 1.0
+
+
+async def _census(request: web.Request) -> web.Response:
+    """What every gateway process holds: fds, threads, tasks, sockets, calls (leak checks)."""
+    app = request.app
+    pool, manager = app[POOL], app[MANAGER]
+    front: dict[str, Any] = {  # counted first: asking the children starts tasks here
+        **process_census(),
+        "calls": manager.active,
+        "call_owners": manager.connections,
+        "websockets": len(app[SESSIONS]),
+        "worker_slots": sum(len(w.slots) for w in pool.workers),
+    }
+    children = [pool.census(CENSUS_TIMEOUT)]
+    if TARGETS in app:
+        front["targets_slots"] = sum(len(p.slots) for p in app[TARGETS].processes)
+        children.append(app[TARGETS].pool.census(CENSUS_TIMEOUT))
+    workers, *targets = await asyncio.gather(*children)
+    return web.json_response(
+        {"front": front, "workers": workers, "targets": targets[0] if targets else []}
+    )

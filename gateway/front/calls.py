@@ -229,6 +229,11 @@ class CallManager(Generic[W]):
     def active(self) -> int:
         return len(self._calls)
 
+    @property
+    def connections(self) -> int:
+        """Connections that placed a call and have not closed (for the census)."""
+        return len(self._owners)
+
     def live_calls(self, owner: CallOwner) -> int:
         owned = self._owners.get(owner)
         return len(owned.live) if owned else 0

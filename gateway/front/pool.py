@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import itertools
 import logging
 import multiprocessing
 import socket
@@ -24,6 +25,8 @@ from typing import Any, Generic, Protocol, Self, TypeVar
 
 from gateway.config import Config
 from gateway.ipc import (
+    Census,
+    CensusReport,
     Channel,
     Entry,
     FromWorker,
@@ -176,6 +179,8 @@ class WorkerPool(Generic[P]):
         self._ready: dict[int, asyncio.Future[None]] = {}
         self._closing = False
         self._restarts: set[asyncio.Task[None]] = set()
+        self._census_seq = itertools.count(1)
+        self._censuses: dict[int, asyncio.Future[dict[str, Any]]] = {}
 
     async def start(self, timeout: float = 60.0) -> None:
         """Start every worker and wait until each reports ready.
@@ -214,6 +219,8 @@ class WorkerPool(Generic[P]):
                 self._settle(worker, None)
             elif isinstance(message, WorkerFailed):
                 self._settle(worker, StartupError(message.message))
+            elif isinstance(message, CensusReport):
+                self._census_report(message)
             else:
                 self._on_message(worker, message)
         channel.close()
@@ -301,6 +308,31 @@ class WorkerPool(Generic[P]):
         if worker.channel is None or not worker.ready:
             return False
         return worker.channel.send(message)
+
+    async def census(self, timeout: float = 1.0) -> list[dict[str, Any]]:
+        """Every child's own census (:mod:`gateway.census`), asked for at once.
+
+        A child that does not answer within ``timeout`` is ``{"index", "pid", "error"}``.
+        """
+        return list(await asyncio.gather(*(self._census(w, timeout) for w in self.workers)))
+
+    async def _census(self, worker: WorkerHandle, timeout: float) -> dict[str, Any]:
+        seq = next(self._census_seq)
+        reply = self._censuses[seq] = asyncio.get_running_loop().create_future()
+        entry: dict[str, Any] = {"index": worker.index}
+        try:
+            if not self.send(worker, Census(seq)):
+                return {**entry, "pid": worker.pid, "error": "not ready"}
+            return {**entry, **await asyncio.wait_for(reply, timeout)}
+        except TimeoutError:
+            return {**entry, "pid": worker.pid, "error": "no reply"}
+        finally:
+            del self._censuses[seq]
+
+    def _census_report(self, report: CensusReport) -> None:
+        reply = self._censuses.get(report.seq)
+        if reply is not None and not reply.done():
+            reply.set_result(report.counts)
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Ask every worker to hang up and exit; kill those that do not."""

@@ -19,16 +19,20 @@ from typing import Any
 
 import pjsua2 as pj
 
+from gateway.census import process_census
 from gateway.ipc import (
+    Census,
+    CensusReport,
     TargetsParams,
     WorkerFailed,
     WorkerReady,
+    recv_blocking,
     send_blocking,
 )
 from gateway.limits import SlidingWindow
 from gateway.worker.media.frames import SAMPLE_RATE
 from gateway.worker.sip.engine import POLL_MS, SipStartError, create_endpoint, set_codecs
-from gateway.worker.sip.guard import DROP, PASS, Answer, Policy, RequestGuard
+from gateway.worker.sip.guard import DROP, PASS, Answer, Policy, RequestGuard, pjsua_library
 
 logger = logging.getLogger(__name__)
 
@@ -221,8 +225,9 @@ TERM_GRACE = 10.0
 def _serve(endpoint: Any, account: _TargetAccount, sock: socket.socket) -> None:
     """Run until the front says ``Shutdown`` or closes ``sock`` (or long after a SIGTERM).
 
-    A process-group SIGTERM (systemd) reaches this process with the front: the
-    front stops it in order, so it only notes the time.
+    A :class:`~gateway.ipc.Census` is answered on the spot, on this thread (the
+    pjsua2 owner). A process-group SIGTERM (systemd) reaches this process with
+    the front: the front stops it in order, so it only notes the time.
     """
     terminated: list[float] = []
     signal.signal(signal.SIGTERM, lambda signum, frame: terminated.append(time.monotonic()))
@@ -234,7 +239,19 @@ def _serve(endpoint: Any, account: _TargetAccount, sock: socket.socket) -> None:
         account.refuse_unknown()
         account.reap()
         if select.select([sock], [], [], 0)[0]:
-            return  # Shutdown, or the front is gone
+            message = recv_blocking(sock)
+            if not isinstance(message, Census):
+                return  # Shutdown, or the front is gone
+            send_blocking(sock, CensusReport(message.seq, _census(account)))
+
+
+def _census(account: _TargetAccount) -> dict[str, Any]:
+    """This process's counts, its calls and pjsua's (on the owner thread)."""
+    return {
+        **process_census(),
+        "calls": len(account.calls),
+        "pjsua_calls": pjsua_library().pjsua_call_get_count(),
+    }
 
 
 def _hang_up_all(account: _TargetAccount) -> None:

@@ -15,13 +15,17 @@ import logging
 import os
 import signal
 import socket
+import threading
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from gateway.census import process_census
 from gateway.ipc import (
     AcceptCall,
     CallReleased,
+    Census,
+    CensusReport,
     Channel,
     ControlCall,
     EndCall,
@@ -41,7 +45,11 @@ from gateway.outcomes import End, ending
 from gateway.worker.call import BridgedCall
 from gateway.worker.sip.engine import SipEngine, SipStartError
 from gateway.worker.sip.events import SipEvent, SipIncoming, SipRegistration
-from gateway.worker.webrtc.peer import restrict_host_addresses, set_consent_timeout
+from gateway.worker.webrtc.peer import (
+    open_peer_connections,
+    restrict_host_addresses,
+    set_consent_timeout,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +75,14 @@ def run(sock: socket.socket, params: WorkerParams) -> None:
     asyncio.run(Worker(sock, params).run())
 
 
+async def _start_threads(executor: ThreadPoolExecutor, count: int) -> None:
+    """Make ``executor`` start ``count`` threads: each holds a task until all are up."""
+    barrier = threading.Barrier(count, timeout=5.0)
+    loop = asyncio.get_running_loop()
+    waits = [loop.run_in_executor(executor, barrier.wait) for _ in range(count)]
+    await asyncio.gather(*waits, return_exceptions=True)
+
+
 class Worker:
     """The asyncio side of a worker process."""
 
@@ -88,6 +104,7 @@ class Worker:
             Unregister: self._on_unregister,
             AcceptCall: self._on_accept_call,
             RejectCall: self._on_reject_call,
+            Census: self._on_census,
         }
         addresses = params.ice_addresses
         self._loopback_only = bool(addresses) and all(
@@ -98,11 +115,13 @@ class Worker:
         loop = asyncio.get_running_loop()
         self._channel = await Channel.open(self._sock)
         # aiortc encodes every outgoing frame in the loop's default executor, so
-        # that pool is on the audio path: one thread per call slot, named.
+        # that pool is on the audio path: one thread per call slot, named, all
+        # started now (none is started mid-call, and the thread count is fixed).
         self._executor = ThreadPoolExecutor(
             max_workers=self._params.max_calls, thread_name_prefix="encode"
         )
         loop.set_default_executor(self._executor)
+        await _start_threads(self._executor, self._params.max_calls)
         self._engine = SipEngine(self._params, loop, self._on_sip)
         try:
             port = await self._engine.start()
@@ -154,6 +173,15 @@ class Worker:
         call = self._calls.get(message.key)
         if call is not None:
             call.control(message)
+
+    def _on_census(self, message: Census) -> None:
+        counts = {
+            **process_census(),
+            "calls": len(self._calls),
+            "peer_connections": open_peer_connections(),
+            "pjsua_calls": self._engine.pjsua_calls if self._engine is not None else 0,
+        }
+        self._send(CensusReport(message.seq, counts))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)

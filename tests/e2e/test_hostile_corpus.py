@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection
+from peers.census import assert_no_leaks, warm_baseline
 from peers.gateway import Gateway, start_gateway, stop_gateway
 from peers.webclient import ToneTrack, WebClient
 
@@ -272,7 +273,9 @@ def own_gateway(tmp_path: Any) -> Iterator[Gateway]:
     gw = start_gateway(tmp_path)
     try:
         gw.wait_ready()
+        before = warm_baseline(gw)
         yield gw
+        assert_no_leaks(gw, before, what="the hostile corpus")
     finally:
         stop_gateway(gw)
 

@@ -49,6 +49,8 @@ async def test_phone_playing_a_tone_is_heard_by_the_browser(gateway, tmp_path):
         assert abs(tone.hz - 1000) <= 10, tone
         assert tone.rms > 0.05, tone
         await client.hangup("c1")
+        # Gone before the BYE, the phone would leave the gateway retrying it for 32 s.
+        await phone.wait_for(lambda r: r.byes == 1, timeout=5)
 
 
 async def test_busy_phone_gives_hangup_486(gateway, tmp_path):

@@ -58,6 +58,7 @@ async def test_rfc4733_digits_go_out_and_come_back(gateway, tmp_path):
         assert all(100 <= int(str(m["duration"])) <= 300 for m in echoed()), echoed()
         assert not [m for m in client.messages if m["type"] == "error"], client.messages
         await client.hangup("c1")
+        await phone.wait_for(lambda r: r.byes == 1, timeout=5)  # or 32 s of BYE retries
 
 
 class _RtpSink(asyncio.DatagramProtocol):
@@ -94,6 +95,7 @@ async def test_rfc4733_uses_the_payload_type_the_phone_answered(gateway, tmp_pat
                     codes.append(code)
             assert codes == [3, 12], codes  # "3", then "A" (event 12)
             await client.hangup("c1")
+            await phone.wait_for(lambda r: r.byes == 1, timeout=5)
     finally:
         transport.close()
 
@@ -111,6 +113,7 @@ async def test_sip_info_digits_both_ways_and_415_for_other_bodies(gateway, tmp_p
         # The INFO with a text/plain body was refused as unsupported, not a 500.
         assert "415 INFO" in report.received, report.received
         await client.hangup("c1")
+        await phone.wait_for(lambda r: r.byes == 1, timeout=5)
 
 
 async def test_bad_digits_and_digits_before_the_answer_are_refused(gateway, tmp_path):

@@ -14,6 +14,7 @@ import urllib.request
 from collections.abc import Iterator
 
 import pytest
+from peers.census import assert_no_leaks, warm_baseline
 from peers.gateway import Gateway, free_port, make_config, start_gateway, stop_gateway
 from peers.webclient import ClientCall, WebClient
 
@@ -136,11 +137,13 @@ def readyz(url: str) -> tuple[int, dict[str, object]]:
 
 @pytest.fixture
 def own_gateway(tmp_path) -> Iterator[Gateway]:
-    """A gateway of this test's own: its targets get killed."""
+    """A gateway of this test's own: its targets get killed (the leak gate checks the rest)."""
     gw = start_gateway(tmp_path, make_config(http_port := free_port()), http_port)
     try:
         gw.wait_ready()
+        before = warm_baseline(gw)
         yield gw
+        assert_no_leaks(gw, before, what="killing the targets")
     finally:
         stop_gateway(gw)
 

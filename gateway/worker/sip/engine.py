@@ -509,6 +509,8 @@ class SipEngine:
         self._thread: threading.Thread | None = None
         self._started: asyncio.Future[int] | None = None
         self._ports: PortPool | None = None
+        #: pjsua's count of calls holding a slot, as of the owner thread's last turn.
+        self.pjsua_calls = 0
 
     @property
     def ports(self) -> PortPool:
@@ -654,6 +656,7 @@ class SipEngine:
             if now >= next_rtp_check:
                 next_rtp_check = now + RTP_CHECK_INTERVAL
                 self._check_rtp(now)
+            self.pjsua_calls = pjsua_library().pjsua_call_get_count()  # read by the census
             while True:
                 try:
                     command = self._commands.get_nowait()
