@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import tomllib
 import types
 import typing
@@ -43,6 +44,18 @@ class HttpConfig:
     #: Seconds between WebSocket pings; a connection that misses a pong is closed
     #: (and its calls hung up) within two intervals.
     heartbeat: float = 15.0
+    #: Web origins allowed to open the WebSocket (``https://phone.example.org``).
+    #: Empty: the gateway's own origin only (the page it serves itself).
+    allowed_origins: tuple[str, ...] = ()
+    #: Messages one connection may send per second; beyond: ``rate_limited``.
+    max_messages_per_second: int = 50
+    #: WebSocket connections open at once from one source address (0: no limit).
+    max_connections_per_ip: int = 20
+
+    @property
+    def loopback(self) -> bool:
+        """Does the HTTP server listen on a loopback address only?"""
+        return self.host == "localhost" or ipaddress.ip_address(self.host).is_loopback
 
     def validate(self) -> None:
         if self.host != "localhost":
@@ -52,6 +65,37 @@ class HttpConfig:
         _check_range("http.max_calls_per_connection", self.max_calls_per_connection, 1, 1000)
         _check_range("http.max_call_rate", self.max_call_rate, 1, 1000)
         _check_range("http.heartbeat", self.heartbeat, 1.0, 300.0)
+        for i, origin in enumerate(self.allowed_origins):
+            if normal_origin(origin) is None:
+                raise ConfigError(
+                    f"config: http.allowed_origins[{i}] = {origin!r} is not an origin "
+                    "(http:// or https://, a host and an optional port, nothing else)"
+                )
+        _check_range("http.max_messages_per_second", self.max_messages_per_second, 1, 100000)
+        _check_range("http.max_connections_per_ip", self.max_connections_per_ip, 0, 1000000)
+
+
+_ORIGIN = re.compile(
+    r"(?P<scheme>https?)://(?P<host>\[[0-9a-f:.]+\]|[a-z0-9.-]+)(?::(?P<port>[0-9]{1,5}))?",
+    re.IGNORECASE,
+)
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def normal_origin(origin: str) -> str | None:
+    """``origin`` as ``scheme://host:port`` (lower case, port always given), or ``None``.
+
+    Only what a browser sends in ``Origin`` for an http(s) page is an origin:
+    no path, query, user or trailing slash. ``null`` and other schemes are not.
+    """
+    match = _ORIGIN.fullmatch(origin)
+    if match is None:
+        return None
+    scheme, host = match["scheme"].lower(), match["host"].lower()
+    port = int(match["port"]) if match["port"] else _DEFAULT_PORTS[scheme]
+    if not 1 <= port <= 65535 or not host.strip("."):
+        return None
+    return f"{scheme}://{host}:{port}"
 
 
 @dataclass(frozen=True)
@@ -285,6 +329,143 @@ def _plain(text: str) -> bool:
     return bool(text) and not any(c.isspace() or c in '"<>\\' or ord(c) < 32 for c in text)
 
 
+#: Token signature algorithms the gateway can check (``none`` is never one of them).
+AUTH_ALGORITHMS = ("HS256", "RS256", "ES256")
+#: An HS256 secret must be at least as long as the hash (RFC 7518, section 3.2).
+MIN_SECRET_BYTES = 32
+#: RSA public keys shorter than this are refused (NIST SP 800-131A).
+MIN_RSA_BITS = 2048
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Signed tokens (JWT) that a browser must present in its first ``hello``."""
+
+    #: ``None`` (the default): on unless ``http.host`` is a loopback address.
+    enabled: bool | None = None
+    #: Signature algorithms accepted, from :data:`AUTH_ALGORITHMS`.
+    algorithms: tuple[str, ...] = ("HS256",)
+    #: The HS256 secret itself, or (better) the name of an environment variable holding it.
+    secret: str = ""
+    secret_env: str = ""
+    #: PEM files of the public keys that RS256/ES256 tokens are checked against.
+    public_keys: tuple[str, ...] = ()
+    #: The ``aud`` claim every token must carry.
+    audience: str = ""
+    #: Seconds a token may be valid for (``exp - iat``, or ``exp - now`` without ``iat``).
+    max_ttl: int = 900
+    #: Seconds of clock difference tolerated on ``exp``, ``nbf`` and ``iat``.
+    leeway: int = 5
+    #: Let clients that send no ``Origin`` header (not browsers) connect.
+    allow_non_browser: bool = False
+
+    def validate(self) -> None:
+        if not self.algorithms:
+            raise ConfigError("config: auth.algorithms must name at least one algorithm")
+        for alg in self.algorithms:
+            if alg not in AUTH_ALGORITHMS:
+                raise ConfigError(
+                    f"config: auth.algorithms: {alg!r} is not supported "
+                    f"(known: {', '.join(AUTH_ALGORITHMS)})"
+                )
+        if self.secret and self.secret_env:
+            raise ConfigError("config: auth: give auth.secret or auth.secret_env, not both")
+        if self.secret_env and not _ENV_NAME.fullmatch(self.secret_env):
+            raise ConfigError(
+                f"config: auth.secret_env = {self.secret_env!r} is not an environment variable name"
+            )
+        if self.secret and len(self.secret.encode()) < MIN_SECRET_BYTES:
+            raise ConfigError(
+                f"config: auth.secret is shorter than {MIN_SECRET_BYTES} bytes "
+                "(generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(48))')"
+            )
+        _check_range("auth.max_ttl", self.max_ttl, 1, 86400)
+        _check_range("auth.leeway", self.leeway, 0, 300)
+
+    def secret_bytes(self) -> bytes | None:
+        """The HS256 secret (read from the environment for ``secret_env``), or ``None``.
+
+        Raises :class:`ConfigError` when ``secret_env`` names a variable that is
+        not set, is empty or is too short.
+        """
+        if self.secret:
+            return self.secret.encode()
+        if not self.secret_env:
+            return None
+        value = os.environ.get(self.secret_env, "")
+        if not value:
+            raise ConfigError(
+                f"config: auth.secret_env = {self.secret_env!r}: that environment variable "
+                "is not set or is empty"
+            )
+        if len(value.encode()) < MIN_SECRET_BYTES:
+            raise ConfigError(
+                f"config: auth.secret_env = {self.secret_env!r}: the secret is shorter than "
+                f"{MIN_SECRET_BYTES} bytes"
+            )
+        return value.encode()
+
+    def check_keys(self) -> None:
+        """Check that every algorithm allowed has its key material: a secret, or public keys."""
+        if "HS256" in self.algorithms and self.secret_bytes() is None:
+            raise ConfigError(
+                "config: auth: HS256 is allowed but neither auth.secret nor auth.secret_env is set"
+            )
+        kinds = [kind for _, kind in load_public_keys(self.public_keys)]
+        for alg in ("RS256", "ES256"):
+            if alg in self.algorithms and alg not in kinds:
+                raise ConfigError(
+                    f"config: auth: {alg} is allowed but auth.public_keys has no "
+                    f"{'RSA' if alg == 'RS256' else 'P-256 EC'} key"
+                )
+        for path, kind in zip(self.public_keys, kinds, strict=True):
+            if kind not in self.algorithms:
+                raise ConfigError(
+                    f"config: auth.public_keys: {path} is a key for {kind}, "
+                    "which auth.algorithms does not allow"
+                )
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def load_public_keys(paths: tuple[str, ...]) -> list[tuple[Any, str]]:
+    """Each PEM public key file read and parsed, with the algorithm it serves.
+
+    ``cryptography`` is imported only when there are keys to read.
+    """
+    if not paths:
+        return []
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    keys: list[tuple[Any, str]] = []
+    for i, path in enumerate(paths):
+        where = f"auth.public_keys[{i}]"
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"config: {where}: cannot read {path}: {exc.strerror}") from None
+        try:
+            key = load_pem_public_key(data)
+        except (ValueError, TypeError):
+            raise ConfigError(f"config: {where}: {path} is not a PEM public key") from None
+        if isinstance(key, rsa.RSAPublicKey):
+            if key.key_size < MIN_RSA_BITS:
+                raise ConfigError(
+                    f"config: {where}: {path} is an RSA key of {key.key_size} bits "
+                    f"(at least {MIN_RSA_BITS})"
+                )
+            keys.append((key, "RS256"))
+        elif isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
+            keys.append((key, "ES256"))
+        else:
+            raise ConfigError(
+                f"config: {where}: {path} is neither an RSA key (RS256) nor a P-256 EC key (ES256)"
+            )
+    return keys
+
+
 #: Routes used when the config has no ``[[dialplan.rules]]``: only the embedded targets.
 DEFAULT_RULES: tuple[dict[str, Any], ...] = (
     {"name": "echo", "exact": "echo", "target": "sip:echo@{embedded}"},
@@ -308,6 +489,7 @@ class Config:
     registrar: RegistrarConfig = field(default_factory=RegistrarConfig)
     accounts: tuple[AccountConfig, ...] = ()
     embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     rules: tuple[Rule, ...] = field(
         default_factory=lambda: load_rules(list(DEFAULT_RULES), DIALPLAN_VARIABLES)
     )
@@ -318,6 +500,13 @@ class Config:
         calls = self.workers.count * self.workers.calls_per_worker
         return max(1, -(-calls // EMBEDDED_CALLS_PER_PROCESS))
 
+    @property
+    def auth_enabled(self) -> bool:
+        """``auth.enabled``, or by default: on unless the HTTP server listens on loopback."""
+        if self.auth.enabled is not None:
+            return self.auth.enabled
+        return not self.http.loopback
+
     def validate(self) -> None:
         for section in (
             self.http,
@@ -327,6 +516,7 @@ class Config:
             self.calls,
             self.registrar,
             self.embedded,
+            self.auth,
         ):
             section.validate()
         self._validate_accounts()
@@ -337,6 +527,8 @@ class Config:
                         f"config: dialplan rule {rule.name!r} routes to {{registrar}} "
                         "but registrar.uri is not set"
                     )
+        if self.auth_enabled:
+            self._validate_auth()
         last = self.workers.count - 1
         if self.sip.port and self.sip.port + last > 65535:
             raise ConfigError(
@@ -380,6 +572,22 @@ class Config:
         if self.accounts and not self.registrar.uri:
             raise ConfigError("config: [[accounts]] need a registrar (registrar.uri)")
 
+    def _validate_auth(self) -> None:
+        why = (
+            ""
+            if self.auth.enabled
+            else (
+                f" (auth is on because http.host = {self.http.host!r} is not a loopback address; "
+                "set auth.enabled = false to run without tokens)"
+            )
+        )
+        if not self.auth.audience:
+            raise ConfigError(f"config: auth.audience must be set when auth is on{why}")
+        try:
+            self.auth.check_keys()
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}{why}") from None
+
     def _validate_embedded_ports(self) -> None:
         embedded, count = self.embedded, self.embedded_processes
         last = count - 1
@@ -411,6 +619,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "calls": CallsConfig,
     "registrar": RegistrarConfig,
     "embedded": EmbeddedConfig,
+    "auth": AuthConfig,
 }
 
 
