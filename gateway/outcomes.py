@@ -189,6 +189,12 @@ class Refusal(Enum):
     BAD_OFFER = RefusalRow("bad_request")
     #: Answering the offer failed unexpectedly.
     ANSWER_FAILED = RefusalRow("internal")
+    #: The connection's token has expired since it was checked.
+    TOKEN_EXPIRED = RefusalRow("unauthorized")
+    #: The route's dialplan rule is not in the token's ``dial`` claim: no INVITE sent.
+    TOKEN_DIAL = RefusalRow("forbidden")
+    #: The connection has the token's ``max_calls`` live calls.
+    TOKEN_CALL_LIMIT = RefusalRow("busy")
 
     @property
     def error(self) -> str:

@@ -121,6 +121,20 @@ class CallOwner(Protocol):
     ) -> None: ...
 
 
+@dataclass(frozen=True)
+class Grant:
+    """What an authenticated connection may do: its token's claims, checked."""
+
+    #: The token's ``sub``.
+    user: str
+    #: Dialplan rule names the connection may use (``None``: any rule).
+    dial: frozenset[str] | None = None
+    #: Live calls the connection may have (``None``: ``http.max_calls_per_connection``).
+    max_calls: int | None = None
+    #: The token's ``exp`` (Unix time): no new call after it.
+    expires: float = float("inf")
+
+
 class NotAnswered(RuntimeError):
     """The call is not answered (or is ending): hold and DTMF must wait."""
 
@@ -193,6 +207,7 @@ class CallManager(Generic[W]):
         on_orphaned: Callable[[Dialog, Ending], None] | None = None,
         embedded: Embedded | None = None,
         registrations: Registrations[Any] | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._pool = pool
         self.registrations = registrations
@@ -203,6 +218,7 @@ class CallManager(Generic[W]):
         self._max_per_owner = max_calls_per_owner
         self._max_call_rate = max_call_rate
         self._clock = clock
+        self._wall_clock = wall_clock
         self._on_orphaned = on_orphaned
         self._keys = itertools.count(1)
         self._calls: dict[int, FrontCall[W]] = {}
@@ -249,11 +265,21 @@ class CallManager(Generic[W]):
     # --- requests from sessions ---------------------------------------------------------
 
     def place(
-        self, owner: CallOwner, call_id: str, to: str, sdp: str, request_id: str | None
+        self,
+        owner: CallOwner,
+        call_id: str,
+        to: str,
+        sdp: str,
+        request_id: str | None,
+        grant: Grant | None = None,
     ) -> None:
-        """Route and start a call, or raise :class:`~gateway.outcomes.Refused`."""
+        """Route and start a call, or raise :class:`~gateway.outcomes.Refused`.
+
+        ``grant`` (an authenticated connection's token) narrows what may be
+        dialled and how many calls the connection may have.
+        """
         try:
-            self._place(owner, call_id, to, sdp, request_id)
+            self._place(owner, call_id, to, sdp, request_id, grant)
         except Refused as refused:
             self._metrics.call_refused(refused.refusal)
             self._log_refusal(
@@ -267,8 +293,19 @@ class CallManager(Generic[W]):
             raise
 
     def _place(
-        self, owner: CallOwner, call_id: str, to: str, sdp: str, request_id: str | None
+        self,
+        owner: CallOwner,
+        call_id: str,
+        to: str,
+        sdp: str,
+        request_id: str | None,
+        grant: Grant | None,
     ) -> None:
+        if grant is not None and self._wall_clock() >= grant.expires:
+            raise Refused(
+                Refusal.TOKEN_EXPIRED,
+                "call: the connection's token has expired; connect again with a new token",
+            )
         owned = self._owned(owner)
         if not owned.attempts.add():
             raise Refused(
@@ -285,6 +322,12 @@ class CallManager(Generic[W]):
                 Refusal.CONNECTION_LIMIT,
                 f"call: this connection already has {len(owned.live)} calls (the limit)",
             )
+        if grant is not None and grant.max_calls is not None and len(owned.live) >= grant.max_calls:
+            raise Refused(
+                Refusal.TOKEN_CALL_LIMIT,
+                f"call: this connection already has {len(owned.live)} calls "
+                "(the token's max_calls)",
+            )
         if not self.accepting:
             raise Refused(Refusal.SHUTTING_DOWN, "the gateway is shutting down")
         key = next(self._keys)
@@ -296,7 +339,9 @@ class CallManager(Generic[W]):
             variables = {**variables, "embedded": address}
         embedded = False
         try:
-            embedded = self._start(owner, owned, key, call_id, to, sdp, request_id, variables)
+            embedded = self._start(
+                owner, owned, key, call_id, to, sdp, request_id, variables, grant
+            )
         finally:
             if targets is not None and not embedded:
                 targets.release(key)  # refused, or routed elsewhere
@@ -311,6 +356,7 @@ class CallManager(Generic[W]):
         sdp: str,
         request_id: str | None,
         variables: Mapping[str, str],
+        grant: Grant | None = None,
     ) -> bool:
         """Route and hand the call to a worker; ``True`` if its URI is an embedded target."""
         try:
@@ -322,6 +368,8 @@ class CallManager(Generic[W]):
             raise Refused(
                 refusal, f"{to!r} may not be dialled: {decision.reason} (SIP {decision.code})"
             )
+        if grant is not None and grant.dial is not None and decision.rule not in grant.dial:
+            raise Refused(Refusal.TOKEN_DIAL, f"{to!r} may not be dialled with this token")
         account, only = 0, None
         registrar = variables.get("registrar")
         if registrar and self.registrations is not None and f"@{registrar}" in decision.uri:

@@ -55,6 +55,17 @@ class Metrics:
         self.websockets_active = Gauge(
             "sipgw_websockets_active", "WebSocket connections open now", registry=r
         )
+        self.websockets_refused = Counter(
+            "sipgw_websockets_refused",
+            "WebSocket connections refused: origin (403), address_limit (429), unauthorized",
+            ["reason"],
+            registry=r,
+        )
+        self.messages_rate_limited = Counter(
+            "sipgw_messages_rate_limited",
+            "Messages refused with rate_limited (over http.max_messages_per_second)",
+            registry=r,
+        )
 
     def call_ended(self, result: Ending, stats: Mapping[str, int]) -> None:
         self.calls_ended.labels(str(result.code)).inc()

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from dialplan import load_rules
-from gateway.front.calls import AlreadyEnding, CallManager, UnknownCall
+from gateway.front.calls import AlreadyEnding, CallManager, Grant, UnknownCall
 from gateway.front.metrics import Metrics
 from gateway.ipc import (
     CallAccepted,
@@ -317,3 +317,36 @@ def test_one_log_line_when_a_call_ends_and_when_one_is_refused(manager, pool, ca
     caplog.clear()
     refusal_of(manager, owner, "c2", "900555")
     assert caplog.messages == ["call c2 to '900555' refused: forbidden (dialplan_reject)"]
+
+
+def test_a_tokens_grant_narrows_routes_and_calls(pool, metrics, clock):
+    wall = FakeClock(5000.0)
+    manager = CallManager(
+        pool, RULES, {"embedded": "127.0.0.1:5070"}, metrics, 3, 5, clock, wall_clock=wall
+    )
+    owner = FakeOwner()
+    only_blocked = Grant("alice", dial=frozenset({"blocked"}))
+    with pytest.raises(Refused) as refused:
+        manager.place(owner, "c1", "echo", "offer", "r1", grant=only_blocked)
+    assert refused.value.refusal is Refusal.TOKEN_DIAL
+    assert "echo" in refused.value.message and "rule" not in refused.value.message
+    assert pool.sent == []
+    # The dialplan's own refusals come first: an unrouted number is still no_route.
+    with pytest.raises(Refused) as refused:
+        manager.place(owner, "c1", "12345", "offer", "r1", grant=only_blocked)
+    assert refused.value.refusal is Refusal.NO_ROUTE
+    one_call = Grant("alice", dial=frozenset({"echo"}), max_calls=1, expires=5001.0)
+    manager.place(owner, "c1", "echo", "offer", "r1", grant=one_call)
+    with pytest.raises(Refused) as refused:
+        manager.place(owner, "c2", "echo", "offer", "r2", grant=one_call)
+    assert refused.value.refusal is Refusal.TOKEN_CALL_LIMIT
+    wall.now = 5001.0
+    with pytest.raises(Refused) as refused:
+        manager.place(FakeOwner(), "c3", "echo", "offer", "r3", grant=one_call)
+    assert refused.value.refusal is Refusal.TOKEN_EXPIRED
+    assert len(pool.starts()) == 1
+    assert sample(metrics, "sipgw_call_outcomes_total", outcome="token_dial") == 1
+    assert sample(metrics, "sipgw_calls_refused_total", error="unauthorized") == 1
+    # No grant (auth off): as before.
+    manager.place(FakeOwner(), "c4", "echo", "offer", "r4")
+    assert len(pool.starts()) == 2

@@ -28,6 +28,8 @@ ERROR_CODES = (
     "busy",
     "unavailable",
     "internal",
+    "unauthorized",
+    "rate_limited",
 )
 
 _ID = re.compile(r"[A-Za-z0-9_.:@-]{1,64}")
@@ -148,6 +150,8 @@ class Welcome:
     session: str
     ice_servers: list[dict[str, Any]]
     id: str | None = None
+    #: The token's ``sub``, when the gateway checks tokens.
+    user: str | None = None
 
 
 @dataclass(frozen=True)
