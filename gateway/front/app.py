@@ -25,6 +25,7 @@ from gateway.config import Config
 from gateway.ipc import FromWorker, WorkerParams
 from gateway.outcomes import End, ending
 
+from .auth import ConnectionCounter, OriginPolicy, TokenVerifier
 from .calls import CallManager
 from .metrics import Metrics
 from .orphans import Orphans
@@ -92,6 +93,7 @@ def build_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_embedded_targets)
     app.cleanup_ctx.append(_workers_and_calls)
     app.on_shutdown.append(_close_sessions)
+    auth = config.auth_enabled
     handler = websocket_handler(
         MANAGER,
         METRICS,
@@ -99,6 +101,14 @@ def build_app(config: Config) -> web.Application:
         config.http.max_message_bytes,
         SESSIONS,
         config.http.heartbeat,
+        verifier=TokenVerifier.from_config(config) if auth else None,
+        origins=OriginPolicy(
+            config.http.allowed_origins,
+            allow_missing=not auth or config.auth.allow_non_browser,
+            loopback=config.http.loopback,
+        ),
+        per_address=ConnectionCounter(config.http.max_connections_per_ip),
+        max_messages_per_second=config.http.max_messages_per_second,
     )
     app.router.add_get("/", _demo_page)
     app.router.add_get("/ws", handler)

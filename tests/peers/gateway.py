@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -21,8 +22,11 @@ TEST_CONFIG = """
 host = "127.0.0.1"
 port = {http_port}
 max_message_bytes = 65536
-# The tests place calls faster than a person would.
+# The tests place calls faster than a person would, and send messages and open
+# sockets faster than a browser would.
 max_call_rate = 50
+max_messages_per_second = 5000
+max_connections_per_ip = 1000
 
 [workers]
 count = {workers}
@@ -64,17 +68,25 @@ def make_config(
 ) -> str:
     """The test dialplan: echo/tone embedded, ``sipp<port>`` to a phone, ``blocked*`` rejected.
 
-    ``settings`` adds keys to sections (``{"calls": {"media_timeout": 3.0}}``); a
-    section the test config lacks is appended.
+    ``settings`` sets keys of sections (``{"calls": {"media_timeout": 3.0}}``),
+    replacing the test config's value of a key it has; a section the test config
+    lacks is added.
     """
     text = TEST_CONFIG.format(http_port=http_port, workers=workers)
     for section, values in (settings or {}).items():
-        lines = "".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items())
         header = f"[{section}]\n"
-        if header in text:
-            text = text.replace(header, header + lines, 1)
-        else:
-            text = header + lines + "\n" + text
+        if header not in text:
+            text = header + "\n" + text
+        start = text.index(header) + len(header)
+        end = text.find("\n[", start)
+        end = len(text) if end < 0 else end + 1
+        body = text[start:end]
+        for key, value in values.items():
+            line = f"{key} = {json.dumps(value)}"
+            body, found = re.subn(rf"^{re.escape(key)} = .*$", line, body, count=1, flags=re.M)
+            if not found:
+                body = line + "\n" + body
+        text = text[:start] + body + text[end:]
     return text
 
 

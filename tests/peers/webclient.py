@@ -118,10 +118,12 @@ class ClientCall:
 class WebClient:
     """One WebSocket connection to the gateway, with any number of calls."""
 
-    def __init__(self, base_url: str, autoping: bool = True) -> None:
+    def __init__(self, base_url: str, autoping: bool = True, origin: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         #: False: never answer the gateway's WebSocket pings (a silently dead client).
         self.autoping = autoping
+        #: The ``Origin`` header to send, as a browser would (default: none, like aiohttp).
+        self.origin = origin
         self.session: aiohttp.ClientSession | None = None
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.messages: list[dict[str, Any]] = []
@@ -138,7 +140,9 @@ class WebClient:
 
     async def connect(self) -> None:
         self.session = aiohttp.ClientSession()
-        self.ws = await self.session.ws_connect(f"{self.base_url}/ws", autoping=self.autoping)
+        self.ws = await self.session.ws_connect(
+            f"{self.base_url}/ws", autoping=self.autoping, origin=self.origin
+        )
         self._reader = asyncio.create_task(self._read())
 
     async def _read(self) -> None:

@@ -8,6 +8,13 @@ about its calls in call terms and the session turns that into wire messages.
 Outgoing messages go through a bounded queue written by one task, so a slow
 browser cannot make the gateway buffer without limit. When the socket closes,
 its calls end.
+
+With a token verifier (``[auth]`` on), the first message must be a ``hello``
+whose token checks out: anything else gets ``unauthorized`` and the socket is
+closed with 1008 before any request is handled. Every connection's messages
+are counted in a sliding window; those beyond the limit get ``rate_limited``
+and are not read. :func:`websocket_handler` checks the ``Origin`` and the
+connections per source address before the upgrade (403, 429).
 """
 
 from __future__ import annotations
@@ -20,13 +27,14 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict
 from typing import Any
 
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, hdrs, web
 
 from gateway.config import IceServer
-from gateway.front.calls import AlreadyEnding, CallManager, NotAnswered, UnknownCall
+from gateway.front.auth import ConnectionCounter, OriginPolicy, TokenVerifier, Unauthorized
+from gateway.front.calls import AlreadyEnding, CallManager, Grant, NotAnswered, UnknownCall
 from gateway.front.metrics import Metrics
 from gateway.front.registrations import RegistrationError
-from gateway.limits import RateLimit, suppressed_note
+from gateway.limits import RateLimit, SlidingWindow, suppressed_note
 from gateway.outcomes import Ending, Refusal, Refused
 
 from .messages import (
@@ -78,6 +86,18 @@ CLOSE_GRACE = 2.0
 HARD_LIMIT_FACTOR = 4
 #: Unexpected handler failures logged (with traceback) per session per minute.
 FAILURE_LOGS_PER_MINUTE = 3
+#: Seconds a connection has to send its ``hello`` with a token when auth is on.
+HELLO_TIMEOUT = 10.0
+#: Refused connections (token, origin, address) logged per minute, all sessions together.
+REFUSALS_LOGGED_PER_MINUTE = 10
+_refusal_log = RateLimit(REFUSALS_LOGGED_PER_MINUTE, 60.0)
+
+
+def _log_refusal(fmt: str, *args: object) -> None:
+    """Log one refused connection; a stranger can cause any number, so they are limited."""
+    suppressed = _refusal_log.take()
+    if suppressed is not None:
+        logger.info(fmt + suppressed_note(suppressed), *args)
 
 
 class Session:
@@ -90,6 +110,11 @@ class Session:
         ice_servers: tuple[IceServer, ...],
         max_message_bytes: int,
         transport: asyncio.Transport | None = None,
+        *,
+        verifier: TokenVerifier | None = None,
+        max_messages_per_second: int = 0,
+        metrics: Metrics | None = None,
+        peer: str = "",
     ) -> None:
         self.id = secrets.token_urlsafe(12)
         self._ws = ws
@@ -103,6 +128,18 @@ class Session:
         self._transport = transport
         self._dropped = 0
         self._failure_log = RateLimit(FAILURE_LOGS_PER_MINUTE, 60.0)
+        # Authentication: with a verifier, nothing but a hello with a good token
+        # gets through until ``grant`` is set.
+        self._verifier = verifier
+        self.grant: Grant | None = None
+        #: Why the connection was refused (it is closing with 1008), if it was.
+        self.refusal: str | None = None
+        self._refusal_close: asyncio.Task[None] | None = None
+        self._messages = (
+            SlidingWindow(max_messages_per_second, 1.0) if max_messages_per_second else None
+        )
+        self._metrics = metrics
+        self._peer = peer
         # One small handler per request type; each takes its own request class.
         self._handlers: dict[type[Request], Callable[[Any], None]] = {
             Hello: self._on_hello,
@@ -155,14 +192,22 @@ class Session:
 
     async def run(self) -> None:
         self._writer = asyncio.create_task(self._write(), name=f"ws-writer-{self.id}")
+        hello_timer = None
+        if self._verifier is not None:
+            hello_timer = asyncio.get_running_loop().call_later(HELLO_TIMEOUT, self._hello_timeout)
         try:
             async for frame in self._ws:
-                if self._closer is not None:
+                if self._closer is not None or self.refusal is not None:
                     break  # given up on this browser: stop taking its requests
                 if frame.type == WSMsgType.TEXT:
                     self._receive(frame.data)
+                    if self.refusal is not None:
+                        break
                     if self._outbox.qsize() >= HIGH_WATER:
                         await asyncio.sleep(0)  # the writer drains into the socket
+                elif self._awaiting_token:
+                    self._unauthorized("the first message must be hello with a token", None)
+                    break
                 elif frame.type == WSMsgType.BINARY:
                     self.send(
                         Error("bad_request", "binary frames are not supported; send JSON text")
@@ -170,6 +215,10 @@ class Session:
                 elif frame.type == WSMsgType.ERROR:
                     logger.info("session %s: %s", self.id, self._ws.exception())
         finally:
+            if hello_timer is not None:
+                hello_timer.cancel()
+            if self._refusal_close is not None:
+                await self._refusal_close  # the error reaches the client, then 1008
             self._manager.disconnect(self)
             self._writer.cancel()
             try:
@@ -208,6 +257,12 @@ class Session:
                 return
 
     def _receive(self, text: str) -> None:
+        if self._awaiting_token:
+            self._authenticate(text)
+            return
+        if self._messages is not None and not self._messages.add():
+            self._rate_limited()
+            return
         if len(text.encode("utf-8", "surrogatepass")) > self._max_message_bytes:
             self.send(
                 Error(
@@ -229,17 +284,81 @@ class Session:
                 )
             self.send(Error("internal", "the gateway failed to handle this message"))
 
+    # --- who may talk, and how fast ---------------------------------------------------
+
+    @property
+    def _awaiting_token(self) -> bool:
+        return self._verifier is not None and self.grant is None
+
+    def _authenticate(self, text: str) -> None:
+        """The first message with auth on: a hello with a good token, or the door closes."""
+        assert self._verifier is not None
+        request: Request | None = None
+        if len(text.encode("utf-8", "surrogatepass")) <= self._max_message_bytes:
+            try:
+                request = parse(text)
+            except ProtocolError:
+                pass
+        request_id = request.id if request is not None else None
+        if not isinstance(request, Hello) or request.token is None:
+            self._unauthorized("the first message must be hello with a token", request_id)
+            return
+        try:
+            self.grant = self._verifier.verify(request.token)
+        except Unauthorized as exc:
+            self._unauthorized(exc.message, request_id)
+            return
+        except Exception:
+            logger.exception("session %s: checking a token failed", self.id)
+            self._unauthorized("the token could not be checked", request_id)
+            return
+        logger.info("session %s: user %r from %s", self.id, self.grant.user, self._peer)
+        self._on_hello(request)
+
+    def _unauthorized(self, message: str, request_id: str | None) -> None:
+        """Refuse the connection: ``unauthorized``, then close with 1008 (policy violation)."""
+        if self.refusal is not None:
+            return
+        self.refusal = message
+        _log_refusal("session %s from %s: unauthorized: %s", self.id, self._peer, message)
+        if self._metrics is not None:
+            self._metrics.websockets_refused.labels("unauthorized").inc()
+        self.send(Error("unauthorized", message, request_id))
+        self._refusal_close = asyncio.create_task(
+            self.close(WSCloseCode.POLICY_VIOLATION, b"unauthorized", CLOSE_GRACE),
+            name=f"ws-refuse-{self.id}",
+        )
+
+    def _hello_timeout(self) -> None:
+        if self._awaiting_token:
+            self._unauthorized(f"no hello with a token within {HELLO_TIMEOUT:g} s", None)
+
+    def _rate_limited(self) -> None:
+        if self._metrics is not None:
+            self._metrics.messages_rate_limited.inc()
+        assert self._messages is not None
+        self.send(
+            Error(
+                "rate_limited",
+                f"more than {self._messages.limit} messages in a second on this connection; "
+                "this one was not read",
+            )
+        )
+
     # --- requests ----------------------------------------------------------------------
 
     def _on_hello(self, request: Hello) -> None:
         servers = [{k: v for k, v in asdict(s).items() if v is not None} for s in self._ice_servers]
         for server in servers:
             server["urls"] = list(server["urls"])
-        self.send(Welcome(PROTOCOL_VERSION, self.id, servers, id=request.id))
+        user = self.grant.user if self.grant is not None else None
+        self.send(Welcome(PROTOCOL_VERSION, self.id, servers, id=request.id, user=user))
 
     def _on_call(self, request: Call) -> None:
         try:
-            self._manager.place(self, request.call, request.to, request.sdp, request.id)
+            self._manager.place(
+                self, request.call, request.to, request.sdp, request.id, grant=self.grant
+            )
         except Refused as refused:
             raise ProtocolError(
                 refused.refusal.error, refused.message, id=request.id, call=request.call
@@ -379,27 +498,69 @@ def websocket_handler(
     max_message_bytes: int,
     sessions_key: web.AppKey[set[Session]],
     heartbeat: float = 15.0,
+    *,
+    verifier: TokenVerifier | None = None,
+    origins: OriginPolicy | None = None,
+    per_address: ConnectionCounter | None = None,
+    max_messages_per_second: int = 0,
 ) -> Callable[[web.Request], Awaitable[web.WebSocketResponse]]:
-    """Build the ``/ws`` handler for an app."""
+    """Build the ``/ws`` handler for an app.
+
+    Before the upgrade, a request from an origin ``origins`` does not allow gets
+    403, and one from an address that has ``per_address``'s limit of sockets open
+    gets 429: no WebSocket exists for either.
+    """
 
     async def handle(request: web.Request) -> web.WebSocketResponse:
-        # A ping every ``heartbeat`` seconds; aiohttp closes the connection when
-        # its pong is missing half an interval later, and the session's calls end.
-        ws = web.WebSocketResponse(
-            heartbeat=heartbeat, max_msg_size=max_message_bytes * HARD_LIMIT_FACTOR
-        )
-        await ws.prepare(request)
         app = request.app
         metrics = app[metrics_key]
-        sessions = app[sessions_key]
-        session = Session(ws, app[manager_key], ice_servers, max_message_bytes, request.transport)
-        sessions.add(session)
-        metrics.websockets_active.set(len(sessions))
+        peer = request.remote or ""
+        origin = request.headers.get(hdrs.ORIGIN)
+        if origins is not None and not origins.allows(origin, request.headers.get(hdrs.HOST)):
+            metrics.websockets_refused.labels("origin").inc()
+            _log_refusal(
+                "WebSocket from %s refused: origin %s is not allowed",
+                peer,
+                "(none)" if origin is None else repr(origin[:100]),
+            )
+            raise web.HTTPForbidden(text="origin not allowed\n")
+        if per_address is not None and not per_address.acquire(peer):
+            metrics.websockets_refused.labels("address_limit").inc()
+            _log_refusal(
+                "WebSocket from %s refused: %d connections open from there",
+                peer,
+                per_address.limit,
+            )
+            raise web.HTTPTooManyRequests(text="too many connections from this address\n")
         try:
-            await session.run()
-        finally:
-            sessions.discard(session)
+            # A ping every ``heartbeat`` seconds; aiohttp closes the connection when
+            # its pong is missing half an interval later, and the session's calls end.
+            ws = web.WebSocketResponse(
+                heartbeat=heartbeat, max_msg_size=max_message_bytes * HARD_LIMIT_FACTOR
+            )
+            await ws.prepare(request)
+            sessions = app[sessions_key]
+            session = Session(
+                ws,
+                app[manager_key],
+                ice_servers,
+                max_message_bytes,
+                request.transport,
+                verifier=verifier,
+                max_messages_per_second=max_messages_per_second,
+                metrics=metrics,
+                peer=peer,
+            )
+            sessions.add(session)
             metrics.websockets_active.set(len(sessions))
+            try:
+                await session.run()
+            finally:
+                sessions.discard(session)
+                metrics.websockets_active.set(len(sessions))
+        finally:
+            if per_address is not None:
+                per_address.release(peer)
         return ws
 
     return handle
