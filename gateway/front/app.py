@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
 from typing import Any
 
-from aiohttp import WSCloseCode, web
+from aiohttp import WSCloseCode, hdrs, web
 
 from gateway.census import process_census
 from gateway.config import Config
@@ -45,6 +45,8 @@ SESSIONS: web.AppKey[set[Session]] = web.AppKey("sessions")
 
 #: How long shutdown waits for the calls' hangup events to reach the browsers.
 SHUTDOWN_GRACE = 2.0
+#: The ``Server`` header of every response: no library names or versions.
+SERVER_HEADER = "sipgw"
 
 
 async def serve(
@@ -93,6 +95,7 @@ def build_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_embedded_targets)
     app.cleanup_ctx.append(_workers_and_calls)
     app.on_shutdown.append(_close_sessions)
+    app.on_response_prepare.append(_say_less)
     auth = config.auth_enabled
     handler = websocket_handler(
         MANAGER,
@@ -200,6 +203,11 @@ async def _close_sessions(app: web.Application) -> None:
     await asyncio.gather(*closes)
 
 
+async def _say_less(request: web.Request, response: web.StreamResponse) -> None:
+    """Name the product, not the HTTP library and its version."""
+    response.headers[hdrs.SERVER] = SERVER_HEADER
+
+
 async def _demo_page(request: web.Request) -> web.Response:
     page = resources.files("gateway").joinpath("static/index.html").read_text(encoding="utf-8")
     return web.Response(text=page, content_type="text/html")
@@ -219,7 +227,6 @@ async def _health(request: web.Request) -> web.Response:
         "workers": len(pool.workers),
         "calls_active": request.app[MANAGER].active,
         "call_slots_free": sum(w.free for w in pool.workers),
-        "worker_pids": [w.pid for w in pool.workers],
     }
     if TARGETS in request.app:
         body.update(request.app[TARGETS].health())

@@ -202,6 +202,8 @@ class WorkerPool(Generic[P]):
             self._entry, self._params[worker.index], f"sipgw-{self.kind}-{worker.index}"
         )
         worker.process, worker.channel, worker.ready = process, channel, False
+        # Operators (and the tests) find a child's pid here: /healthz does not show it.
+        logger.info("%s %s started (pid %s)", self.kind, worker.index, worker.pid)
         worker.slots.clear()
         worker.reader = asyncio.create_task(
             self._read(worker, channel), name=f"worker-{worker.index}-reader"

@@ -134,6 +134,4 @@ class EmbeddedTargets:
         return {
             "targets_ready": sum(1 for p in self.processes if p.ready),
             "targets": len(self.processes),
-            "targets_pids": [p.pid for p in self.processes],
-            "targets_addresses": self.addresses,
         }

@@ -86,7 +86,7 @@ def check_replies(replies: list[dict]) -> tuple[int, int]:
 
 async def test_churn_on_one_socket_and_on_many_kills_nothing(gateway):
     await settle(gateway)
-    pids = gateway.health()["worker_pids"]
+    pids = gateway.pids()
     offer = await an_offer()
     started = time.monotonic()
     replies = await churn(gateway.url, offer, "one", 1000)
@@ -100,7 +100,7 @@ async def test_churn_on_one_socket_and_on_many_kills_nothing(gateway):
     assert many_placed >= 8 and sum(p + r for p, r in totals) == 500, totals
     await settle(gateway)
     health = gateway.health()
-    assert health["worker_pids"] == pids, "a worker died"
+    assert gateway.pids() == pids, "a worker died"
     assert health["workers_ready"] == 2
     metrics = gateway.metrics()
     assert "sipgw_calls_active 0.0" in metrics
@@ -150,7 +150,7 @@ async def test_sustained_churn_is_paced_per_worker(gateway):
     """Eight sockets cycling calls as fast as the gateway answers: slots turn over
     faster than pjlib frees sockets; set-up pacing keeps every process alive."""
     await settle(gateway)
-    pids = gateway.health()["worker_pids"]
+    pids = gateway.pids()
     offer = await an_offer()
     results = await asyncio.gather(*(cycle(gateway.url, offer, f"s{n}-", 4.0) for n in range(8)))
     placed = sum(p for p, _ in results)
@@ -158,7 +158,7 @@ async def test_sustained_churn_is_paced_per_worker(gateway):
     print(f"sustained churn: {placed} calls placed and hung up in 4 s, {refused} refused busy")
     assert placed >= 20, results
     await settle(gateway)
-    assert gateway.health()["worker_pids"] == pids, "a worker died"
+    assert gateway.pids() == pids, "a worker died"
     await asyncio.sleep(1.1)  # past the workers' one-second set-up pacing window
     # A slot held by an unanswered INVITE (another test's) frees after Timer B, 32 s;
     # a leaked one never does, and this wait fails.
@@ -181,7 +181,7 @@ async def test_sustained_churn_is_paced_per_worker(gateway):
 
 async def test_a_hundred_sockets_each_placing_a_call_at_once(gateway):
     await settle(gateway)
-    pids = gateway.health()["worker_pids"]
+    pids = gateway.pids()
     offer = await an_offer()
     async with aiohttp.ClientSession() as session:
         sockets = await asyncio.gather(
@@ -201,5 +201,5 @@ async def test_a_hundred_sockets_each_placing_a_call_at_once(gateway):
         for ws in sockets:
             await ws.close()  # a closed socket ends its call
     await settle(gateway)
-    assert gateway.health()["worker_pids"] == pids
+    assert gateway.pids() == pids
     assert "sipgw_calls_active 0.0" in gateway.metrics()

@@ -42,7 +42,7 @@ async def throw(port: int, cases: list[tuple[str, bytes]]) -> dict[str, list[int
 
 async def test_hostile_sip_at_every_worker_port_kills_nothing(gateway):
     ports = worker_sip_ports(gateway)
-    pids = gateway.health()["worker_pids"]
+    pids = gateway.pids()
     async with WebClient(gateway.url) as client:
         call = await client.establish("survivor", "echo", tone_hz=700)
         await client.wait_event(call, "accepted")
@@ -62,9 +62,8 @@ async def test_hostile_sip_at_every_worker_port_kills_nothing(gateway):
                 assert got[name] == [], (port, name, got[name])
             assert not any(code >= 600 or code == 500 for codes in got.values() for code in codes)
         # The embedded targets are SIP ports of the gateway too (they answer INVITEs).
-        health = gateway.health()
-        target_pids = health["targets_pids"]
-        for address in health["targets_addresses"]:
+        target_pids = gateway.pids("targets")
+        for address in gateway.targets_addresses():
             port = int(address.rsplit(":", 1)[1])
             got = await throw(port, corpus(9, f"sip:nobody@{address}"))
             assert got["options"] == [200]
@@ -73,9 +72,9 @@ async def test_hostile_sip_at_every_worker_port_kills_nothing(gateway):
                 assert got[name] == [], (port, name, got[name])
             # Delayed offers to an unknown target: refused (404) outside pjsua's callback.
             assert 404 in got["invite-no-body"], got["invite-no-body"]
-        assert gateway.health()["targets_pids"] == target_pids
+        assert gateway.pids("targets") == target_pids
         # Every process lives, and the call that was up still carries its audio.
-        assert gateway.health()["worker_pids"] == pids
+        assert gateway.pids() == pids
         assert gateway.health()["workers_ready"] == len(ports)
         tone = await call.wait_for_tone(700)
         assert abs(tone.hz - 700) <= 10 and tone.rms > 0.02, tone
@@ -90,7 +89,7 @@ async def test_hostile_sip_at_every_worker_port_kills_nothing(gateway):
 async def test_a_flood_of_invites_leaves_the_call_on_that_worker_intact(gateway):
     """1000 INVITEs with SDP at 500/s at the worker carrying a call with a tone."""
     ports = worker_sip_ports(gateway)
-    pids = gateway.health()["worker_pids"]
+    pids = gateway.pids()
     async with WebClient(gateway.url) as client:
         call = await client.establish("flooded", "echo", tone_hz=1100)
         await client.wait_event(call, "accepted")
@@ -120,7 +119,7 @@ async def test_a_flood_of_invites_leaves_the_call_on_that_worker_intact(gateway)
         finally:
             collector.cancel()
             stranger.close()
-        assert gateway.health()["worker_pids"] == pids
+        assert gateway.pids() == pids
         assert len(answers) >= 990 and set(answers) == {480}, (len(answers), set(answers))
         for measured in tones:  # the tone held throughout the flood
             assert abs(measured.hz - 1100) <= 10 and measured.rms > 0.02, tones

@@ -28,7 +28,7 @@ def worker_of_call(gateway, call_id: str) -> int:
 
 async def kill_worker_of(gateway, call_id: str) -> None:
     index = worker_of_call(gateway, call_id)
-    os.kill(gateway.health()["worker_pids"][index], signal.SIGKILL)
+    os.kill(gateway.pids()[index], signal.SIGKILL)
 
 
 def readyz(url: str) -> tuple[int, dict]:

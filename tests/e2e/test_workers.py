@@ -31,9 +31,10 @@ async def test_killed_worker_hangs_up_its_calls_and_restarts(gateway):
         # The call went to one worker: kill that one first (the log names it), then
         # the others in turn should the call still be up (the rest keep serving).
         placed = re.findall(r"\(doomed\) to \S+ on worker (\d+)", gateway.log.read_text())
-        pids = [p for p in before["worker_pids"] if p]
+        pids_before = gateway.pids()
+        pids = [p for p in pids_before if p]
         if placed:
-            holder = before["worker_pids"][int(placed[-1])]
+            holder = pids_before[int(placed[-1])]
             pids.sort(key=lambda pid: pid != holder)
         victim = None
         for pid in pids:
@@ -51,7 +52,7 @@ async def test_killed_worker_hangs_up_its_calls_and_restarts(gateway):
         assert "worker" in hangup["reason"]
         # The pool restarts the dead worker; the gateway takes calls again.
         await wait_for(lambda: gateway.health()["workers_ready"] == 2, 30)
-        assert victim not in gateway.health()["worker_pids"]
+        assert victim not in gateway.pids()
         call2 = await client.establish("after", "echo")
         await client.wait_event(call2, "accepted", timeout=15)
         # Possibly the restarted worker's first call: allow for its start-up.
@@ -81,7 +82,7 @@ async def test_calls_leave_no_fd_thread_or_slot_behind(gateway):
         await client.close_calls()
     await wait_for(lambda: gateway.health()["calls_active"] == 0, 10)
     await asyncio.sleep(2.0)
-    pids = [p for p in gateway.health()["worker_pids"] if p]
+    pids = [p for p in gateway.pids() if p]
     before = {pid: open_fds_and_threads(pid) for pid in pids}
     async with WebClient(gateway.url) as client:
         for i in range(3):

@@ -108,6 +108,24 @@ class Gateway:
         with urllib.request.urlopen(f"{self.url}/healthz", timeout=2) as response:
             return dict(json.loads(response.read()))
 
+    def pids(self, kind: str = "worker") -> list[int | None]:
+        """The pid of each ``worker`` (or ``targets``) process by index, as the gateway
+        logged it at the process's last start (``/healthz`` does not show pids)."""
+        text = self.log.read_text(errors="replace")
+        found = {
+            int(m[1]): int(m[2])
+            for m in re.finditer(rf"\b{kind} (\d+) started \(pid (\d+)\)", text)
+        }
+        count = self.health().get("workers" if kind == "worker" else kind, 0)
+        return [found.get(i) for i in range(int(count))]  # type: ignore[call-overload]
+
+    def targets_addresses(self) -> list[str]:
+        """The embedded targets' ``host:port``, as logged at start (kept across restarts)."""
+        m = re.search(
+            r"embedded targets echo and tone at sip:(.+)", self.log.read_text(errors="replace")
+        )
+        return [a.strip() for a in m[1].split(",")] if m else []
+
     def metrics(self) -> str:
         with urllib.request.urlopen(f"{self.url}/metrics", timeout=2) as response:
             return str(response.read().decode())

@@ -70,17 +70,16 @@ def rss_kb(pid: int) -> int | None:
 def gateway_processes(gateway: Gateway) -> dict[str, int]:
     """Every process of the gateway by role: ``front``, ``worker0``, ``targets0``, ...
 
-    Found by walking /proc from the front's pid; the roles come from ``/healthz``.
+    Found by walking /proc from the front's pid; the roles come from the gateway's log.
     Multiprocessing's resource tracker is ``tracker``; any other descendant is
     ``other<pid>``.
     """
     front = gateway.process.pid
-    health = gateway.health()
     roles = {front: "front"}
-    for i, pid in enumerate(health.get("worker_pids", [])):  # type: ignore[arg-type]
-        roles[int(pid)] = f"worker{i}"
-    for i, pid in enumerate(health.get("targets_pids", [])):  # type: ignore[arg-type]
-        roles[int(pid)] = f"targets{i}"
+    for kind in ("worker", "targets"):
+        for i, pid in enumerate(gateway.pids(kind)):
+            if pid is not None:
+                roles[pid] = f"{kind}{i}"
     found: dict[str, int] = {}
     for pid in process_tree(front):
         role = roles.get(pid)
