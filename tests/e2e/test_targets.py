@@ -65,6 +65,9 @@ async def test_hanging_up_one_echo_call_never_ends_another(gateway):
     ends by its own hangup (never by a BYE from the target), and the calls still up
     keep echoing their own tone."""
     await wait_for(lambda: gateway.health()["calls_active"] == 0, 10)
+    # An earlier test's call hung up before any response keeps its pjsua slot until
+    # the INVITE transaction times out (32 s): wait for the four slots a round needs.
+    await wait_for(lambda: gateway.health()["call_slots_free"] >= 4, 40)
     failures: list[str] = []
     ended_early: set[str] = set()
     async with WebClient(gateway.url) as client:
