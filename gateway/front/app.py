@@ -25,7 +25,7 @@ from gateway.config import Config
 from gateway.ipc import FromWorker, WorkerParams
 from gateway.outcomes import End, ending
 
-from .auth import ConnectionCounter, OriginPolicy, TokenVerifier
+from .auth import ConnectionCounter, OriginPolicy, TokenVerifier, loopback_peer
 from .calls import CallManager
 from .metrics import Metrics
 from .orphans import Orphans
@@ -249,7 +249,13 @@ CENSUS_TIMEOUT = 1.0
 
 
 async def _census(request: web.Request) -> web.Response:
-    """What every gateway process holds: fds, threads, tasks, sockets, calls (leak checks)."""
+    """What every gateway process holds: fds, threads, tasks, sockets, calls (leak checks).
+
+    Pids, task names and counts are for the operator on this host: any other
+    peer gets 404, as for a page that does not exist.
+    """
+    if not loopback_peer(request.remote):
+        raise web.HTTPNotFound()
     app = request.app
     pool, manager = app[POOL], app[MANAGER]
     front: dict[str, Any] = {  # counted first: asking the children starts tasks here

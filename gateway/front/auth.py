@@ -272,3 +272,13 @@ class ConnectionCounter:
 
     def __len__(self) -> int:
         return len(self._open)
+
+
+def loopback_peer(remote: str | None) -> bool:
+    """Is ``remote`` (a request's peer address) on this host's loopback?"""
+    if not remote:
+        return False
+    try:
+        return ipaddress.ip_address(remote).is_loopback
+    except ValueError:
+        return False

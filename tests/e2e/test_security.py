@@ -396,7 +396,7 @@ def get(url: str) -> tuple[int, dict[str, str], bytes]:
 
 
 def test_the_http_side_names_no_library_version_and_no_pid(gateway):
-    for path in ("/", "/healthz", "/readyz", "/metrics", "/no-such-page", "/ws"):
+    for path in ("/", "/healthz", "/readyz", "/metrics", "/debug/census", "/no-such-page", "/ws"):
         status, headers, _ = get(f"{gateway.url}{path}")
         assert headers.get("Server") == "sipgw", (path, status, headers)
     status, _, body = get(f"{gateway.url}/healthz")

@@ -20,6 +20,7 @@ from gateway.front.auth import (
     TokenVerifier,
     Unauthorized,
     UsedTokens,
+    loopback_peer,
 )
 
 SECRET = b"0123456789abcdef0123456789abcdef-unit"
@@ -277,3 +278,12 @@ def test_connections_per_address():
     assert len(counter) == 0
     unlimited = ConnectionCounter(0)
     assert all(unlimited.acquire("a") for _ in range(1000))
+
+
+def test_only_loopback_peers_count_as_local():
+    assert loopback_peer("127.0.0.1") and loopback_peer("127.8.9.1") and loopback_peer("::1")
+    assert not loopback_peer("192.0.2.7")
+    assert not loopback_peer("::ffff:192.0.2.7")
+    assert not loopback_peer("")
+    assert not loopback_peer(None)
+    assert not loopback_peer("not an address")
