@@ -108,9 +108,11 @@ class EndCall:
 
 @dataclass(frozen=True)
 class ControlCall:
-    """An in-call request of the browser: ``hold``, ``unhold`` or ``dtmf``.
+    """An in-call request of the browser: ``hold``, ``unhold``, ``dtmf`` or ``transfer``.
 
-    ``request_id`` comes back in the event or error it leads to.
+    A transfer goes to ``uri`` (blind, routed by the front's dialplan) or
+    replaces the same worker's call ``replaces`` (attended). ``request_id``
+    comes back in the event or error it leads to.
     """
 
     key: int
@@ -118,6 +120,8 @@ class ControlCall:
     digits: str = ""
     method: str = ""
     request_id: str | None = None
+    uri: str = ""
+    replaces: int = -1
 
 
 @dataclass(frozen=True)
@@ -279,6 +283,28 @@ class CallDtmf:
 
 
 @dataclass(frozen=True)
+class CallTransfer:
+    """Progress of call ``key``'s transfer: the far end's NOTIFY (``final`` ends it)."""
+
+    key: int
+    code: int
+    reason: str
+    final: bool
+    request_id: str | None = None
+
+
+@dataclass(frozen=True)
+class CallTransferRequest:
+    """The far end asked (REFER) that call ``key`` be transferred to ``target``.
+
+    The worker declined the REFER itself; the browser may place the new call.
+    """
+
+    key: int
+    target: str
+
+
+@dataclass(frozen=True)
 class CallControlFailed:
     """A :class:`ControlCall` could not be carried out: an ``error`` for the browser."""
 
@@ -349,6 +375,8 @@ FromWorker = (
     | CallDialog
     | CallHold
     | CallDtmf
+    | CallTransfer
+    | CallTransferRequest
     | CallControlFailed
     | RegistrationChanged
     | CallIncoming

@@ -44,6 +44,9 @@ class End(Enum):
     ANSWERED_ELSEWHERE = EndRow(200, "Call answered elsewhere", "local")
     #: Incoming call: the browser's ``accept`` carried an SDP answer that cannot be used.
     BAD_ANSWER = EndRow(488, "Not Acceptable Here: the browser's answer cannot be used", "gateway")
+    #: The call was handed on with ``transfer``: the far end reported the
+    #: transfer's success (NOTIFY 2xx), or, attended, replaced this call.
+    TRANSFERRED = EndRow(200, "Call transferred", "local")
     #: The SIP side sent BYE after the answer.
     REMOTE_BYE = EndRow(200, "Remote hangup (BYE)", "remote")
     #: The SIP side answered the INVITE with a final error (404, 486, 603...).

@@ -14,13 +14,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Generic, Protocol, TypeVar, cast
 
-from dialplan import Action, InvalidNumber, Rule, route
+from dialplan import Action, InvalidNumber, Route, Rule, route
 from gateway.ipc import (
     AcceptCall,
     CallAccepted,
@@ -34,6 +35,8 @@ from gateway.ipc import (
     CallProgress,
     CallRefused,
     CallReleased,
+    CallTransfer,
+    CallTransferRequest,
     ControlCall,
     Dialog,
     EndCall,
@@ -70,8 +73,8 @@ W = TypeVar("W", bound=WorkerRef)
 class Pool(Protocol[W]):
     """The worker pool, as far as the manager is concerned."""
 
-    def acquire(self, key: int, only: W | None = None) -> W:
-        """A worker slot for call ``key`` (on ``only`` if given), or ``Refused``."""
+    def acquire(self, key: int, only: W | None = None, prefer: W | None = None) -> W:
+        """A worker slot for call ``key`` (on ``only`` if given, else ``prefer`` if it may)."""
         ...
 
     def release(self, worker: W, key: int) -> None: ...
@@ -120,6 +123,12 @@ class CallOwner(Protocol):
         self, call_id: str, from_uri: str, display_name: str, to_uri: str, sdp: str
     ) -> None: ...
 
+    def call_transfer(
+        self, call_id: str, code: int, reason: str, final: bool, request_id: str | None
+    ) -> None: ...
+
+    def call_transfer_request(self, call_id: str, to: str) -> None: ...
+
 
 @dataclass(frozen=True)
 class Grant:
@@ -145,6 +154,14 @@ class UnknownCall(LookupError):
 
 class AlreadyEnding(RuntimeError):
     """The call is already hanging up."""
+
+
+class NoTransferRequest(RuntimeError):
+    """The far end has not asked (REFER) for this call to be transferred."""
+
+
+class TransferUnavailable(RuntimeError):
+    """An attended transfer between calls on two different workers."""
 
 
 class CallState(Enum):
@@ -177,6 +194,11 @@ class FrontCall(Generic[W]):
     dialog: Dialog | None = None
     #: An incoming call; until accepted it rings on every connection of the user.
     incoming: bool = False
+    #: What the far end's last REFER asked this call be transferred to (the number).
+    transfer_target: str | None = None
+    #: This call follows such a request on the owner's call of this id: once it is
+    #: answered, that call ends as transferred.
+    transfer_of: str | None = None
 
 
 @dataclass
@@ -190,6 +212,25 @@ class _OwnerCalls(Generic[W]):
     refusal_log: RateLimit = field(
         default_factory=lambda: RateLimit(REFUSALS_LOGGED_PER_MINUTE, 60.0)
     )
+
+
+#: A number a REFER's target may name: what the dialplan may be asked to route.
+_REFER_USER = re.compile(r"[A-Za-z0-9+*#._-]{1,64}")
+
+
+def refer_target(uri: str) -> str | None:
+    """The user part of a Refer-To URI (``<sip:1003@pbx;transport=udp?Replaces=...>``).
+
+    Only the user part goes to the dialplan: where it leads is the gateway's
+    choice, never the URI's host. ``None`` when there is no plausible number.
+    """
+    value = uri.strip().strip("<>")
+    scheme, _, rest = value.partition(":")
+    if scheme.lower() not in ("sip", "sips", "tel") or not rest:
+        return None
+    user = rest.split("@", 1)[0] if "@" in rest else (rest if scheme.lower() == "tel" else "")
+    user = user.split(";", 1)[0].split("?", 1)[0]
+    return user if _REFER_USER.fullmatch(user) else None
 
 
 class CallManager(Generic[W]):
@@ -235,6 +276,8 @@ class CallManager(Generic[W]):
             CallDialog: self._on_dialog,
             CallHold: self._on_hold,
             CallDtmf: self._on_dtmf,
+            CallTransfer: self._on_transfer,
+            CallTransferRequest: self._on_transfer_request,
             CallControlFailed: self._on_control_failed,
             CallIncoming: self._on_incoming,
             RegistrationChanged: self._on_registration,
@@ -359,17 +402,8 @@ class CallManager(Generic[W]):
         grant: Grant | None = None,
     ) -> bool:
         """Route and hand the call to a worker; ``True`` if its URI is an embedded target."""
-        try:
-            decision = route(to, self._rules, variables)
-        except InvalidNumber as exc:
-            raise Refused(Refusal.BAD_NUMBER, f"call: 'to' {exc}") from None
-        if decision.action is Action.REJECT or decision.uri is None:
-            refusal = Refusal.NO_ROUTE if decision.rule is None else Refusal.DIALPLAN_REJECT
-            raise Refused(
-                refusal, f"{to!r} may not be dialled: {decision.reason} (SIP {decision.code})"
-            )
-        if grant is not None and grant.dial is not None and decision.rule not in grant.dial:
-            raise Refused(Refusal.TOKEN_DIAL, f"{to!r} may not be dialled with this token")
+        decision = self._route("call", to, variables, grant)
+        assert decision.uri is not None
         account, only = 0, None
         registrar = variables.get("registrar")
         if registrar and self.registrations is not None and f"@{registrar}" in decision.uri:
@@ -377,7 +411,10 @@ class CallManager(Generic[W]):
             held = self.registrations.active_for(cast(Any, owner))
             if held is not None:
                 account, only = held
-        worker = self._pool.acquire(key, only)
+        # A connection's calls share a worker where they can: an attended
+        # transfer joins two calls of one pjsua2 endpoint.
+        prefer = next((c.worker for c in owned.live.values()), None)
+        worker = self._pool.acquire(key, only, prefer)
         if not self._pool.send(worker, StartCall(key, sdp, decision.uri, account)):
             self._pool.release(worker, key)
             raise Refused(Refusal.WORKER_UNREACHABLE, "the gateway worker is restarting")
@@ -392,6 +429,101 @@ class CallManager(Generic[W]):
         self._metrics.calls_active_by_worker.labels(str(worker.index)).inc()
         logger.info("call %s (%s) to %s on worker %s", key, call_id, decision.uri, worker.index)
         return embedded
+
+    def _route(
+        self, what: str, to: str, variables: Mapping[str, str], grant: Grant | None
+    ) -> Route:
+        """The dialplan's decision to dial ``to``, or :class:`Refused` (and nothing is sent)."""
+        try:
+            decision = route(to, self._rules, variables)
+        except InvalidNumber as exc:
+            raise Refused(Refusal.BAD_NUMBER, f"{what}: 'to' {exc}") from None
+        if decision.action is Action.REJECT or decision.uri is None:
+            refusal = Refusal.NO_ROUTE if decision.rule is None else Refusal.DIALPLAN_REJECT
+            raise Refused(
+                refusal, f"{to!r} may not be dialled: {decision.reason} (SIP {decision.code})"
+            )
+        if grant is not None and grant.dial is not None and decision.rule not in grant.dial:
+            raise Refused(Refusal.TOKEN_DIAL, f"{to!r} may not be dialled with this token")
+        return decision
+
+    def transfer(
+        self,
+        owner: CallOwner,
+        call_id: str,
+        to: str | None,
+        replaces: str | None,
+        request_id: str | None,
+        grant: Grant | None = None,
+    ) -> None:
+        """REFER the far end of a connected call to ``to`` (blind) or to call ``replaces``.
+
+        A blind target goes through the dialplan (and the token's claims) like a
+        call's ``to``. Raises :class:`UnknownCall`, :class:`NotAnswered`,
+        :class:`Refused` or :class:`TransferUnavailable`; nothing is sent then.
+        """
+        call = self._connected(owner, call_id)
+        uri, other_key = "", -1
+        if replaces is not None:
+            other = self._connected(owner, replaces)
+            if other.worker is not call.worker:
+                raise TransferUnavailable(
+                    f"transfer: calls {call_id!r} and {replaces!r} run on different gateway "
+                    "workers; an attended transfer needs both on one"
+                )
+            other_key = other.key
+        else:
+            assert to is not None
+            if grant is not None and self._wall_clock() >= grant.expires:
+                raise Refused(Refusal.TOKEN_EXPIRED, "transfer: the connection's token has expired")
+            decision = self._route("transfer", to, self._variables, grant)
+            assert decision.uri is not None
+            uri = decision.uri
+            logger.info("call %s (%s): transfer to %s", call.key, call_id, uri)
+        self._pool.send(
+            call.worker, ControlCall(call.key, "transfer", "", "", request_id, uri, other_key)
+        )
+
+    def accept_transfer(
+        self,
+        owner: CallOwner,
+        call_id: str,
+        new_call: str,
+        sdp: str,
+        request_id: str | None,
+        grant: Grant | None = None,
+    ) -> None:
+        """Follow the far end's transfer request on ``call_id``: call its target as ``new_call``.
+
+        The target goes through the dialplan like any ``to``. Once the new call is
+        answered, ``call_id`` ends as transferred. Raises :class:`UnknownCall`,
+        :class:`NoTransferRequest` or :class:`Refused`.
+        """
+        call = self._live_call(owner, call_id)
+        target = call.transfer_target
+        if target is None:
+            raise NoTransferRequest(call_id)
+        self.place(owner, new_call, target, sdp, request_id, grant)
+        call.transfer_target = None
+        placed = self._owned(owner).live.get(new_call)
+        if placed is not None:
+            placed.transfer_of = call_id
+
+    def reject_transfer(self, owner: CallOwner, call_id: str) -> None:
+        """Forget the far end's transfer request on ``call_id`` (its REFER was declined)."""
+        call = self._live_call(owner, call_id)
+        if call.transfer_target is None:
+            raise NoTransferRequest(call_id)
+        call.transfer_target = None
+
+    def _connected(self, owner: CallOwner, call_id: str) -> FrontCall[W]:
+        owned = self._owners.get(owner)
+        call = owned.live.get(call_id) if owned else None
+        if call is None:
+            raise UnknownCall(call_id)
+        if call.state is not CallState.CONNECTED:
+            raise NotAnswered(call_id)
+        return call
 
     def hangup(self, owner: CallOwner, call_id: str, request_id: str | None) -> None:
         """Hang up a live call of ``owner`` (CANCEL or BYE).
@@ -500,6 +632,34 @@ class CallManager(Generic[W]):
         self._metrics.setup_seconds.observe(time.monotonic() - call.started)
         if self._listening(call):
             call.owner.call_accepted(call.call_id, message.webrtc_codec, message.sip_codec)
+        if call.transfer_of is not None:
+            self._end_transferred(call.owner, call.transfer_of)
+
+    def _end_transferred(self, owner: CallOwner, call_id: str) -> None:
+        """The call that followed a transfer request on ``call_id`` is up: end that one."""
+        owned = self._owners.get(owner)
+        old = owned.live.get(call_id) if owned else None
+        if old is not None and old.state is not CallState.ENDING:
+            old.state = CallState.ENDING
+            self._pool.send(old.worker, EndCall(old.key, ending(End.TRANSFERRED)))
+
+    def _on_transfer(self, worker: W, message: CallTransfer) -> None:
+        call = self._calls.get(message.key)
+        if call is not None and self._listening(call):
+            call.owner.call_transfer(
+                call.call_id, message.code, message.reason, message.final, message.request_id
+            )
+
+    def _on_transfer_request(self, worker: W, message: CallTransferRequest) -> None:
+        call = self._calls.get(message.key)
+        if call is None or not self._listening(call):
+            return
+        target = refer_target(message.target)
+        if target is None:
+            logger.info("call %s: REFER to %r ignored: no number in it", call.key, message.target)
+            return
+        call.transfer_target = target
+        call.owner.call_transfer_request(call.call_id, target)
 
     def _on_refused(self, worker: W, message: CallRefused) -> None:
         call = self._calls.get(message.key)

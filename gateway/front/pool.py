@@ -273,10 +273,13 @@ class WorkerPool(Generic[P]):
 
     # --- what the call manager uses ------------------------------------------------------
 
-    def acquire(self, key: int, only: WorkerHandle | None = None) -> WorkerHandle:
+    def acquire(
+        self, key: int, only: WorkerHandle | None = None, prefer: WorkerHandle | None = None
+    ) -> WorkerHandle:
         """Reserve a call slot on the least loaded ready worker that may start a call now.
 
         ``only``: that worker or none (a registered user's calls use its account there).
+        ``prefer``: that worker if it may take the call (a connection's other calls are there).
         Raises :class:`~gateway.outcomes.Refused` when no worker is ready, all are
         full, or those with room have started their quota of calls this second.
         """
@@ -290,7 +293,8 @@ class WorkerPool(Generic[P]):
             raise Refused(
                 Refusal.SETUP_RATE, "the gateway is starting calls as fast as it may; try again"
             )
-        worker = max(paced, key=lambda w: (w.free, -w.index))
+        worker = prefer if prefer in paced else max(paced, key=lambda w: (w.free, -w.index))
+        assert worker is not None
         worker.setups.add()
         worker.slots.add(key)
         return worker

@@ -30,6 +30,8 @@ from gateway.ipc import (
     CallProgress,
     CallRefused,
     CallReleased,
+    CallTransfer,
+    CallTransferRequest,
     ControlCall,
     FromWorker,
     WorkerParams,
@@ -50,6 +52,8 @@ from gateway.worker.sip.events import (
     SipMediaTimeout,
     SipProgress,
     SipReleased,
+    SipTransfer,
+    SipTransferRequest,
 )
 from gateway.worker.sip.probe import Target, port_closed, udp_target
 from gateway.worker.webrtc.peer import BadOffer, WebRtcLeg
@@ -135,6 +139,8 @@ class BridgedCall:
             SipMediaTimeout: self._on_sip_media_timeout,
             SipHold: self._on_hold,
             SipDtmf: self._on_dtmf,
+            SipTransfer: self._on_transfer,
+            SipTransferRequest: self._on_transfer_request,
             SipControlFailed: self._on_control_failed,
             SipReleased: self._on_released_by_sip,
         }
@@ -290,7 +296,7 @@ class BridgedCall:
             self._engine.hangup(self.key, _final_code(result) if self._incoming else 0)
 
     def control(self, request: ControlCall) -> None:
-        """A browser's in-call request: hold, unhold, or DTMF digits."""
+        """A browser's in-call request: hold, unhold, DTMF digits or a transfer."""
         if self.state is not State.ANSWERED:
             self._send(
                 CallControlFailed(
@@ -301,6 +307,8 @@ class BridgedCall:
         self._requests[request.action] = request.request_id
         if request.action == "dtmf":
             self._engine.send_dtmf(self.key, request.digits, request.method)
+        elif request.action == "transfer":
+            self._engine.transfer(self.key, request.uri, request.replaces)
         else:
             self._engine.hold(self.key, request.action == "hold")
 
@@ -396,6 +404,8 @@ class BridgedCall:
         logger.debug("call %s: SIP leg ended: %s %s", self.key, event.code, event.reason)
         if self._incoming and self.state in (State.ANSWERING, State.RINGING_IN, State.CONNECTING):
             self._finish(ending(End.REMOTE_CANCEL))
+        elif event.replaced and self.state is State.ANSWERED:
+            self._finish(ending(End.TRANSFERRED))
         elif self.state in _LIVE:
             answered = self.state is State.ANSWERED
             self._finish(sip_disconnected(event.code, event.reason, answered=answered))
@@ -422,6 +432,19 @@ class BridgedCall:
     def _on_dtmf(self, event: SipDtmf) -> None:
         if self.state is State.ANSWERED:
             self._send(CallDtmf(self.key, event.digit, event.method, event.duration))
+
+    def _on_transfer(self, event: SipTransfer) -> None:
+        """Relay the transfer's progress; its success ends this call (BYE)."""
+        if self.state is not State.ANSWERED:
+            return
+        request_id = self._requests.pop("transfer", None) if event.final else None
+        self._send(CallTransfer(self.key, event.code, event.reason, event.final, request_id))
+        if event.final and 200 <= event.code < 300:
+            self.hangup(ending(End.TRANSFERRED))
+
+    def _on_transfer_request(self, event: SipTransferRequest) -> None:
+        if self.state is State.ANSWERED:
+            self._send(CallTransferRequest(self.key, event.target))
 
     def _on_control_failed(self, event: SipControlFailed) -> None:
         if self.state is State.ANSWERED:

@@ -71,15 +71,17 @@ async def test_calls_leave_no_fd_thread_or_slot_behind(gateway):
     every worker ends with the file descriptors and threads it had (its encode
     pool, one thread per call slot, is started with the worker) and no call."""
     await wait_for(lambda: gateway.health()["calls_active"] == 0, 10)
-    async with WebClient(gateway.url) as client:
-        # Warm-up: whatever a worker creates once, on its first call, is not a leak.
-        # Two at once, so each worker takes one.
-        calls = [await client.establish(f"warm{i}", "echo") for i in range(2)]
-        for call in calls:
+    # Warm-up: whatever a worker creates once, on its first call, is not a leak.
+    # Two connections at once, so each worker takes one (a connection's calls
+    # share a worker where they can).
+    async with WebClient(gateway.url) as one, WebClient(gateway.url) as two:
+        calls = [(one, await one.establish("warm0", "echo"))]
+        calls.append((two, await two.establish("warm1", "echo")))
+        for client, call in calls:
             await client.wait_event(call, "accepted")
-        for call in calls:
+        for client, call in calls:
             await client.hangup(call.call_id)
-        await client.close_calls()
+            await client.close_calls()
     await wait_for(lambda: gateway.health()["calls_active"] == 0, 10)
     await asyncio.sleep(2.0)
     pids = [p for p in gateway.pids() if p]

@@ -50,7 +50,9 @@ class FakePool:
     ready: bool = True
     sent: list[tuple[int, ToWorker]] = field(default_factory=list)
 
-    def acquire(self, key: int, only: FakeWorker | None = None) -> FakeWorker:
+    def acquire(
+        self, key: int, only: FakeWorker | None = None, prefer: FakeWorker | None = None
+    ) -> FakeWorker:
         if not self.ready:
             raise Refused(Refusal.NO_WORKER, "no worker")
         free = [w for w in self.workers if len(w.slots) < w.capacity and only in (None, w)]

@@ -135,8 +135,47 @@ class Reject:
     id: str | None = None
 
 
+@dataclass(frozen=True)
+class Transfer:
+    """Blind (``to``, routed by the dialplan) or attended (``replaces``: another call)."""
+
+    call: str
+    to: str | None = None
+    replaces: str | None = None
+    id: str | None = None
+
+
+@dataclass(frozen=True)
+class TransferAccept:
+    """Follow the far end's ``transfer_request`` on ``call``: place ``new_call`` with ``sdp``."""
+
+    call: str
+    new_call: str
+    sdp: str
+    id: str | None = None
+
+
+@dataclass(frozen=True)
+class TransferReject:
+    call: str
+    id: str | None = None
+
+
 Request = (
-    Hello | Call | Hangup | Ping | Dtmf | Hold | Unhold | Register | Unregister | Accept | Reject
+    Hello
+    | Call
+    | Hangup
+    | Ping
+    | Dtmf
+    | Hold
+    | Unhold
+    | Register
+    | Unregister
+    | Accept
+    | Reject
+    | Transfer
+    | TransferAccept
+    | TransferReject
 )
 
 
@@ -223,6 +262,27 @@ class DtmfEvent:
 
 
 @dataclass(frozen=True)
+class TransferEvent:
+    """The transfer's progress on ``call``, from the far end's NOTIFY (``final``: the end)."""
+
+    type: ClassVar[str] = "transfer"
+    call: str
+    code: int
+    reason: str
+    final: bool
+    id: str | None = None
+
+
+@dataclass(frozen=True)
+class TransferRequest:
+    """The far end asked (REFER) that ``call`` be transferred to ``to``."""
+
+    type: ClassVar[str] = "transfer_request"
+    call: str
+    to: str
+
+
+@dataclass(frozen=True)
 class Registered:
     type: ClassVar[str] = "registered"
     user: str
@@ -286,6 +346,8 @@ Event = (
     | Held
     | Resumed
     | DtmfEvent
+    | TransferEvent
+    | TransferRequest
     | Registered
     | RegistrationFailed
     | Unregistered
@@ -588,6 +650,57 @@ def _parse_reject(data: dict[str, Any], request_id: str | None) -> Reject:
     return Reject(call, code, request_id)
 
 
+def _sdp(data: dict[str, Any], request_id: str | None, call: str) -> str:
+    sdp = _string(data, "sdp", request_id, call=call)
+    if len(sdp.encode("utf-8", "surrogatepass")) > MAX_SDP_BYTES:
+        raise ProtocolError(
+            "bad_request",
+            f"{data['type']}: field 'sdp' is longer than {MAX_SDP_BYTES} bytes",
+            id=request_id,
+            call=call,
+        )
+    return sdp
+
+
+def _parse_transfer(data: dict[str, Any], request_id: str | None) -> Transfer:
+    call = _call_id(data, request_id)
+    if ("to" in data) == ("replaces" in data):
+        raise ProtocolError(
+            "bad_request",
+            "transfer: give exactly one of 'to' (blind) and 'replaces' (attended)",
+            id=request_id,
+            call=call,
+        )
+    if "to" in data:
+        return Transfer(call, to=_string(data, "to", request_id, call=call), id=request_id)
+    replaces = _string(data, "replaces", request_id, call=call)
+    if not _ID.fullmatch(replaces) or replaces == call:
+        raise ProtocolError(
+            "bad_request",
+            "transfer: field 'replaces' must be the id of another call of this connection",
+            id=request_id,
+            call=call,
+        )
+    return Transfer(call, replaces=replaces, id=request_id)
+
+
+def _parse_transfer_accept(data: dict[str, Any], request_id: str | None) -> TransferAccept:
+    call = _call_id(data, request_id)
+    new_call = _string(data, "new_call", request_id, call=call)
+    if not _ID.fullmatch(new_call):
+        raise ProtocolError(
+            "bad_request",
+            "transfer_accept: field 'new_call' must be 1-64 letters, digits or _.:@-",
+            id=request_id,
+            call=call,
+        )
+    return TransferAccept(call, new_call, _sdp(data, request_id, call), request_id)
+
+
+def _parse_transfer_reject(data: dict[str, Any], request_id: str | None) -> TransferReject:
+    return TransferReject(_call_id(data, request_id), request_id)
+
+
 def _json_type(value: object) -> str:
     names = {bool: "boolean", int: "number", float: "number", list: "array", dict: "object"}
     return names.get(type(value), type(value).__name__)
@@ -605,4 +718,7 @@ _PARSERS: dict[str, Callable[[dict[str, Any], str | None], Request]] = {
     "unregister": _parse_unregister,
     "accept": _parse_accept,
     "reject": _parse_reject,
+    "transfer": _parse_transfer,
+    "transfer_accept": _parse_transfer_accept,
+    "transfer_reject": _parse_transfer_reject,
 }

@@ -31,7 +31,15 @@ from aiohttp import WSCloseCode, WSMsgType, hdrs, web
 
 from gateway.config import IceServer
 from gateway.front.auth import ConnectionCounter, OriginPolicy, TokenVerifier, Unauthorized
-from gateway.front.calls import AlreadyEnding, CallManager, Grant, NotAnswered, UnknownCall
+from gateway.front.calls import (
+    AlreadyEnding,
+    CallManager,
+    Grant,
+    NotAnswered,
+    NoTransferRequest,
+    TransferUnavailable,
+    UnknownCall,
+)
 from gateway.front.metrics import Metrics
 from gateway.front.registrations import RegistrationError
 from gateway.limits import RateLimit, SlidingWindow, suppressed_note
@@ -64,6 +72,11 @@ from .messages import (
     Request,
     Resumed,
     Ringing,
+    Transfer,
+    TransferAccept,
+    TransferEvent,
+    TransferReject,
+    TransferRequest,
     Unhold,
     Unregister,
     Unregistered,
@@ -153,6 +166,9 @@ class Session:
             Unregister: self._on_unregister,
             Accept: self._on_accept,
             Reject: self._on_reject,
+            Transfer: self._on_transfer,
+            TransferAccept: self._on_transfer_accept,
+            TransferReject: self._on_transfer_reject,
         }
 
     def send(self, event: Event) -> None:
@@ -415,6 +431,27 @@ class Session:
     def _on_unhold(self, request: Unhold) -> None:
         self._control("unhold", request.call, request.id)
 
+    def _on_transfer(self, request: Transfer) -> None:
+        with _call_errors("transfer", request.call, request.id, "is not answered (or is ending)"):
+            self._manager.transfer(
+                self, request.call, request.to, request.replaces, request.id, grant=self.grant
+            )
+
+    def _on_transfer_accept(self, request: TransferAccept) -> None:
+        with _call_errors("transfer_accept", request.call, request.id, "is ending"):
+            try:
+                self._manager.accept_transfer(
+                    self, request.call, request.new_call, request.sdp, request.id, self.grant
+                )
+            except Refused as refused:  # about the new call
+                raise ProtocolError(
+                    refused.refusal.error, refused.message, id=request.id, call=request.new_call
+                ) from None
+
+    def _on_transfer_reject(self, request: TransferReject) -> None:
+        with _call_errors("transfer_reject", request.call, request.id, "is ending"):
+            self._manager.reject_transfer(self, request.call)
+
     def _control(
         self, action: str, call_id: str, request_id: str | None, digits: str = "", method: str = ""
     ) -> None:
@@ -449,6 +486,14 @@ class Session:
     ) -> None:
         self.send(Error(error, message, request_id, call_id))
 
+    def call_transfer(
+        self, call_id: str, code: int, reason: str, final: bool, request_id: str | None
+    ) -> None:
+        self.send(TransferEvent(call_id, code, reason, final, request_id))
+
+    def call_transfer_request(self, call_id: str, to: str) -> None:
+        self.send(TransferRequest(call_id, to))
+
     def call_incoming(
         self, call_id: str, from_uri: str, display_name: str, to_uri: str, sdp: str
     ) -> None:
@@ -478,16 +523,31 @@ def _call_errors(
     """Turn the call manager's refusals of a request about ``call_id`` into errors."""
     try:
         yield
-    except UnknownCall:
+    except UnknownCall as exc:
+        missing = exc.args[0] if exc.args else call_id
         raise ProtocolError(
             "not_found",
-            f"{action}: no call {call_id!r} on this connection",
+            f"{action}: no call {missing!r} on this connection",
             id=request_id,
             call=call_id,
         ) from None
-    except (NotAnswered, AlreadyEnding):
+    except (NotAnswered, AlreadyEnding) as exc:
+        which = exc.args[0] if exc.args else call_id
         raise ProtocolError(
-            "wrong_state", f"{action}: call {call_id!r} {wrong_state}", id=request_id, call=call_id
+            "wrong_state", f"{action}: call {which!r} {wrong_state}", id=request_id, call=call_id
+        ) from None
+    except NoTransferRequest:
+        raise ProtocolError(
+            "wrong_state",
+            f"{action}: the far end of call {call_id!r} asked for no transfer",
+            id=request_id,
+            call=call_id,
+        ) from None
+    except TransferUnavailable as exc:
+        raise ProtocolError("unavailable", str(exc), id=request_id, call=call_id) from None
+    except Refused as refused:
+        raise ProtocolError(
+            refused.refusal.error, refused.message, id=request_id, call=call_id
         ) from None
 
 

@@ -50,6 +50,8 @@ from .events import (
     SipProgress,
     SipRegistration,
     SipReleased,
+    SipTransfer,
+    SipTransferRequest,
 )
 from .guard import DROP, PASS, Answer, RequestGuard, pjsua_library
 from .media_port import BridgePort, PortPool
@@ -134,7 +136,17 @@ class _SendDtmf:
     method: str
 
 
-_Command = _MakeCall | _Hangup | _Hold | _SendDtmf | _Register | _Unregister | _AnswerIncoming
+@dataclass(frozen=True)
+class _Transfer:
+    key: int
+    uri: str
+    #: Attended: the key of the call the far end is to replace (-1: blind).
+    replaces: int = -1
+
+
+_Command = (
+    _MakeCall | _Hangup | _Hold | _SendDtmf | _Transfer | _Register | _Unregister | _AnswerIncoming
+)
 
 #: DTMF methods as the protocol names them and as pjsua knows them.
 _DTMF_METHODS = {
@@ -330,6 +342,10 @@ class _SipCall(pj.Call):  # type: ignore[misc]
         self.dialog: Dialog | None = None
         #: pjsua's call id, kept at DISCONNECTED: the slot may outlive the call.
         self.slot = -1
+        #: An attended transfer asked the far end of another call to replace this one.
+        self.replaced = False
+        #: The call our own attended transfer asked to be replaced (until it ends).
+        self.replacing: _SipCall | None = None
 
     def onCallState(self, prm: Any) -> None:
         info = self.getInfo()
@@ -345,7 +361,9 @@ class _SipCall(pj.Call):  # type: ignore[misc]
         elif state == pj.PJSIP_INV_STATE_DISCONNECTED:
             self.slot = self.getId()
             self.disconnected = True
-            self.engine.emit(SipDisconnected(self.key, info.lastStatusCode, info.lastReason))
+            self.engine.emit(
+                SipDisconnected(self.key, info.lastStatusCode, info.lastReason, self.replaced)
+            )
 
     def onCallTsxState(self, prm: Any) -> None:
         """Keep the dialog's identity, so that the front can end it if this process dies."""
@@ -427,6 +445,28 @@ class _SipCall(pj.Call):  # type: ignore[misc]
         else:
             self._emit_digit(prm.digit, "info", prm.duration)
 
+    def onCallTransferStatus(self, prm: Any) -> None:
+        """A NOTIFY about our REFER: the status of the call the far end placed."""
+        final = bool(prm.finalNotify)
+        code = int(prm.statusCode)
+        if final and self.replacing is not None:
+            if not 200 <= code < 300:
+                self.replacing.replaced = False  # failed: a later BYE is its own
+            self.replacing = None
+        self.engine.emit(SipTransfer(self.key, code, str(prm.reason), final))
+        prm.cont = not final
+
+    def onCallTransferRequest(self, prm: Any) -> None:
+        """The far end sent REFER: decline it here and let the browser decide.
+
+        pjsua would otherwise INVITE the Refer-To URI verbatim, at once, past the
+        dialplan and the token's claims (toll fraud); it decides before this
+        returns, so the browser's answer cannot be awaited. 603 tells the
+        transferor the call stays; the browser may then place the new call.
+        """
+        prm.statusCode = pj.PJSIP_SC_DECLINE
+        self.engine.emit(SipTransferRequest(self.key, str(prm.dstUri)))
+
     def _emit_digit(self, digit: Any, method: str, duration: int) -> None:
         duration = duration if 0 <= duration < _UNKNOWN_DURATION else 0
         self.engine.emit(SipDtmf(self.key, str(digit)[:1].upper(), method, int(duration)))
@@ -489,6 +529,7 @@ class SipEngine:
             _Hangup: self._hangup,
             _Hold: self._hold,
             _SendDtmf: self._send_dtmf,
+            _Transfer: self._transfer,
             _Register: self._register,
             _Unregister: self._unregister,
             _AnswerIncoming: self._answer_incoming,
@@ -568,6 +609,10 @@ class SipEngine:
     def send_dtmf(self, key: int, digits: str, method: str) -> None:
         """Queue ``digits`` for call ``key`` as RFC 4733 events or SIP INFO (``method``)."""
         self._commands.put(_SendDtmf(key, digits, method))
+
+    def transfer(self, key: int, uri: str, replaces: int = -1) -> None:
+        """Queue a REFER for call ``key``: to ``uri`` (blind) or replacing call ``replaces``."""
+        self._commands.put(_Transfer(key, uri, replaces))
 
     async def stop(self) -> None:
         """Hang up every call, destroy the Endpoint and join the thread."""
@@ -831,6 +876,30 @@ class SipEngine:
             else:
                 message = f"DTMF could not be sent: {exc.reason}"
             self.emit(SipControlFailed(command.key, "dtmf", message))
+
+    def _transfer(self, command: _Transfer) -> None:
+        call = self._calls.get(command.key)
+        if call is None or call.disconnected or not call.confirmed:
+            self.emit(SipControlFailed(command.key, "transfer", "the call is not connected"))
+            return
+        op = pj.CallOpParam(True)
+        try:
+            if command.replaces < 0:
+                call.xfer(command.uri, op)
+            else:
+                other = self._calls.get(command.replaces)
+                if other is None or other.disconnected or not other.confirmed:
+                    self.emit(
+                        SipControlFailed(
+                            command.key, "transfer", "the call to replace is not connected"
+                        )
+                    )
+                    return
+                call.xferReplaces(other, op)
+                other.replaced = True
+                call.replacing = other
+        except pj.Error as exc:
+            self.emit(SipControlFailed(command.key, "transfer", f"REFER failed: {exc.reason}"))
 
     def _hang_up_pending(self) -> None:
         for call in self._calls.values():

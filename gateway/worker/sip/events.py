@@ -34,11 +34,16 @@ class SipAnswered:
 
 @dataclass(frozen=True)
 class SipDisconnected:
-    """pjsip ended the INVITE session: the last status code and reason (0 if none)."""
+    """pjsip ended the INVITE session: the last status code and reason (0 if none).
+
+    ``replaced``: an attended transfer handed this call on (its far end got an
+    INVITE with Replaces for it), so the BYE that ends it is the transfer's.
+    """
 
     key: int
     code: int
     reason: str
+    replaced: bool = False
 
 
 @dataclass(frozen=True)
@@ -85,8 +90,26 @@ class SipDtmf:
 
 
 @dataclass(frozen=True)
+class SipTransfer:
+    """A NOTIFY about the call's transfer (REFER): the new call's status; ``final`` ends it."""
+
+    key: int
+    code: int
+    reason: str
+    final: bool
+
+
+@dataclass(frozen=True)
+class SipTransferRequest:
+    """The far end sent REFER to ``target``; it was declined (the front decides routes)."""
+
+    key: int
+    target: str
+
+
+@dataclass(frozen=True)
 class SipControlFailed:
-    """A hold, unhold or DTMF request could not be carried out."""
+    """A hold, unhold, DTMF or transfer request could not be carried out."""
 
     key: int
     action: str
@@ -131,6 +154,8 @@ SipEvent = (
     | SipMediaTimeout
     | SipHold
     | SipDtmf
+    | SipTransfer
+    | SipTransferRequest
     | SipControlFailed
     | SipRegistration
     | SipIncoming
