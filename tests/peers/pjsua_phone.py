@@ -546,6 +546,10 @@ class PjsuaPhone:
     async def hangup(self) -> None:
         await self.command("hangup")
 
+    async def xfer(self, uri: str) -> None:
+        """Send REFER to ``uri`` on the current call (the far end reports back in NOTIFYs)."""
+        await self.command("xfer", uri=uri)
+
     async def call(self, uri: str) -> None:
         """Place a call to ``uri``; wait for it with :meth:`wait_confirmed`."""
         await self.command("call", uri=uri)
@@ -824,6 +828,24 @@ def _run_phone(args: argparse.Namespace) -> int:
                 self.audio = [audio]
             phone.media_changed.add(self)
 
+        def onCallTransferRequest(self, prm: Any) -> None:
+            """Accept a REFER (202) and place its call with a Call of our own."""
+            emit("refer", uri=prm.dstUri)
+            new = PhoneCall(phone.account, pj.PJSUA_INVALID_ID)
+            phone.calls.append(new)
+            prm.newCall = new
+
+        def onCallTransferStatus(self, prm: Any) -> None:
+            """NOTIFYs about a REFER this phone sent (``xfer`` command)."""
+            emit("xfer_status", code=prm.statusCode, reason=prm.reason, final=prm.finalNotify)
+
+        def onCallReplaced(self, prm: Any) -> None:
+            """An INVITE with Replaces took this call's place: keep the new one."""
+            new = PhoneCall(phone.account, prm.newCallId)
+            phone.calls.append(new)
+            prm.newCall = new
+            emit("replaced")
+
         def media_snapshot(self) -> dict[str, Any]:
             info = self.getInfo()
             snap: dict[str, Any] = {
@@ -1019,6 +1041,9 @@ def _run_phone(args: argparse.Namespace) -> int:
             op = pj.CallOpParam(True)
             op.opt.flag = pj.PJSUA_CALL_REINIT_MEDIA
             return reinvite(call, rid, op)
+        if name == "xfer":
+            call.xfer(str(command.get("uri", "")), pj.CallOpParam(True))
+            return {"ok": True}
         if name == "codec":
             codec = str(command.get("name", ""))
             if codec not in CODEC_IDS:

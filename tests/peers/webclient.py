@@ -187,8 +187,18 @@ class WebClient:
         await self.send({**message, "id": request_id})
         return await self.wait_message(lambda m: m.get("id") == request_id, timeout, start)
 
-    async def call(self, call_id: str, to: str, tone_hz: float = 1000.0) -> ClientCall:
-        """Offer a call; returns once the offer is sent (events arrive on the ClientCall)."""
+    async def call(
+        self,
+        call_id: str,
+        to: str,
+        tone_hz: float = 1000.0,
+        request: dict[str, Any] | None = None,
+    ) -> ClientCall:
+        """Offer a call; returns once the offer is sent (events arrive on the ClientCall).
+
+        ``request``: send this message (with the offer as ``sdp``) instead of a
+        ``call`` (e.g. a ``transfer_accept`` whose ``new_call`` is ``call_id``).
+        """
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         tone = ToneTrack(tone_hz)
         pc.addTrack(tone)
@@ -200,7 +210,12 @@ class WebClient:
             call.recorder = asyncio.create_task(self._record(call, track))
 
         await pc.setLocalDescription(await pc.createOffer())
-        await self.send({"type": "call", "call": call_id, "to": to, "sdp": pc.localDescription.sdp})
+        sdp = pc.localDescription.sdp
+        await self.send(
+            {**request, "sdp": sdp}
+            if request is not None
+            else {"type": "call", "call": call_id, "to": to, "sdp": sdp}
+        )
         return call
 
     async def accept(self, incoming: dict[str, Any], tone_hz: float = 1000.0) -> ClientCall:
@@ -237,10 +252,15 @@ class WebClient:
         return message
 
     async def establish(
-        self, call_id: str, to: str, tone_hz: float = 1000.0, timeout: float = 10.0
+        self,
+        call_id: str,
+        to: str,
+        tone_hz: float = 1000.0,
+        timeout: float = 10.0,
+        request: dict[str, Any] | None = None,
     ) -> ClientCall:
         """Call and apply the answer; returns after the ``answer`` message."""
-        call = await self.call(call_id, to, tone_hz)
+        call = await self.call(call_id, to, tone_hz, request)
         answer = await self.wait_event(call, ("answer", "error", "hangup"), timeout)
         if answer["type"] != "answer":
             raise AssertionError(f"call {call_id} refused: {answer}")
