@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from dialplan import load_rules
-from gateway.front.calls import AlreadyEnding, CallManager, Grant, UnknownCall
+from gateway.front.calls import AlreadyEnding, CallManager, Grant, UnknownCall, refer_target
 from gateway.front.metrics import Metrics
 from gateway.ipc import (
     CallAccepted,
@@ -352,3 +352,21 @@ def test_a_tokens_grant_narrows_routes_and_calls(pool, metrics, clock):
     # No grant (auth off): as before.
     manager.place(FakeOwner(), "c4", "echo", "offer", "r4")
     assert len(pool.starts()) == 2
+
+
+@pytest.mark.parametrize(
+    "uri, number",
+    [
+        ("<sip:1003@pbx.example;transport=udp>", "1003"),
+        ("sip:+441632960123@192.0.2.1:5060?Replaces=abc%40host", "+441632960123"),
+        ("sips:sales@pbx", "sales"),
+        ("tel:+15550100;phone-context=x", "+15550100"),
+        ("sip:pbx.example", None),
+        ("http://1003@x", None),
+        ("sip:10%0d03@x", None),
+        ("sip:" + "9" * 65 + "@x", None),
+        ("", None),
+    ],
+)
+def test_refer_target_keeps_only_the_number(uri, number):
+    assert refer_target(uri) == number

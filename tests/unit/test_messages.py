@@ -13,6 +13,10 @@ from gateway.front.signaling.messages import (
     HangupEvent,
     Ping,
     ProtocolError,
+    Transfer,
+    TransferAccept,
+    TransferEvent,
+    TransferRequest,
     encode,
     parse,
 )
@@ -141,4 +145,48 @@ def test_encode_leaves_out_none():
     ] == {
         "webrtc": "opus/48000",
         "sip": "PCMU/8000",
+    }
+
+
+def test_parse_transfer_blind_and_attended():
+    assert parse('{"type":"transfer","call":"c1","to":"1003"}') == Transfer("c1", to="1003")
+    assert parse('{"type":"transfer","id":"9","call":"c1","replaces":"c2"}') == Transfer(
+        "c1", replaces="c2", id="9"
+    )
+    accept = parse('{"type":"transfer_accept","call":"c1","new_call":"c3","sdp":"v=0"}')
+    assert accept == TransferAccept("c1", "c3", "v=0")
+
+
+@pytest.mark.parametrize(
+    "raw, words",
+    [
+        ('{"type":"transfer","call":"c1"}', "exactly one of 'to'"),
+        ('{"type":"transfer","call":"c1","to":"1","replaces":"c2"}', "exactly one of 'to'"),
+        ('{"type":"transfer","call":"c1","replaces":"c1"}', "another call"),
+        ('{"type":"transfer","call":"c1","replaces":"a b"}', "another call"),
+        ('{"type":"transfer","call":"c1","to":5}', "must be a string"),
+        ('{"type":"transfer_accept","call":"c1","sdp":"v=0"}', "missing field 'new_call'"),
+        ('{"type":"transfer_accept","call":"c1","new_call":"x\\n","sdp":"v"}', "new_call"),
+    ],
+)
+def test_parse_transfer_errors(raw, words):
+    with pytest.raises(ProtocolError) as info:
+        parse(raw)
+    assert info.value.code == "bad_request" and words in info.value.message
+
+
+def test_transfer_events_encode():
+    event = TransferEvent("c1", 200, "OK", True, "t1")
+    assert json.loads(encode(event)) == {
+        "type": "transfer",
+        "call": "c1",
+        "code": 200,
+        "reason": "OK",
+        "final": True,
+        "id": "t1",
+    }
+    assert json.loads(encode(TransferRequest("c1", "1003"))) == {
+        "type": "transfer_request",
+        "call": "c1",
+        "to": "1003",
     }
