@@ -57,9 +57,9 @@ async def pbx(tmp_path: Any, **options: Any) -> AsyncIterator[tuple[Kamailio, Ga
 
 
 @asynccontextmanager
-async def caller(tmp_path: Any, kam: Kamailio) -> AsyncIterator[PjsuaPhone]:
+async def caller(tmp_path: Any, kam: Kamailio, **options: Any) -> AsyncIterator[PjsuaPhone]:
     account = SipAccount("1002", USERS["1002"], kam.registrar, domain=kam.realm)
-    async with PjsuaPhone(tmp_path, tone_hz=PHONE_HZ, account=account) as phone:
+    async with PjsuaPhone(tmp_path, tone_hz=PHONE_HZ, account=account, **options) as phone:
         await phone.wait_registered()
         yield phone
 
@@ -215,6 +215,26 @@ async def test_registered_browser_calls_an_extension_as_itself(tmp_path):
             assert abs(tone.hz - PHONE_HZ) <= 10 and tone.rms > 0.03, tone
             heard = await phone.wait_for_tone(BROWSER_HZ)
             assert abs(heard.hz - BROWSER_HZ) <= 10 and heard.rms > 0.03, heard
+            await client.hangup("c1")
+            await phone.wait_disconnected()
+
+
+async def test_early_media_through_the_registrar_is_heard_before_the_answer(tmp_path):
+    """The phone answers 183 with SDP and plays its tone 5 s before its 200 OK:
+    the browser hears it through Kamailio while the call is still ringing."""
+    async with pbx(tmp_path) as (kam, gw), WebClient(gw.url) as client:
+        await registered(client)
+        async with caller(tmp_path, kam, early_media=True, answer_delay_ms=5000) as phone:
+            call = await client.establish("c1", "1002", tone_hz=BROWSER_HZ)
+            progress = await client.wait_event(call, ("progress", "hangup"), 15)
+            assert (progress["type"], progress["code"]) == ("progress", 183), progress
+            tone = await call.wait_for_tone(PHONE_HZ, 4.0)
+            assert abs(tone.hz - PHONE_HZ) <= 10 and tone.rms > 0.03, tone
+            assert not [e for e in call.events if e["type"] in ("accepted", "hangup")], call.events
+            log = kam.log()
+            assert [m for m in log.messages if m.method == "INVITE" and "1002" in m.ruri]
+            accepted = await client.wait_event(call, ("accepted", "hangup"), 15)
+            assert accepted["type"] == "accepted", accepted
             await client.hangup("c1")
             await phone.wait_disconnected()
 

@@ -296,6 +296,7 @@ class PjsuaPhone:
         *,
         tone_hz: float = 700.0,
         ring: bool = True,
+        early_media: bool = False,
         answer_delay_ms: int = 0,
         codecs: tuple[str, ...] = ("PCMU", "PCMA"),
         rtp_span: int = 40,
@@ -304,6 +305,7 @@ class PjsuaPhone:
     ) -> None:
         self.tone_hz = tone_hz
         self.ring = ring
+        self.early_media = early_media
         self.answer_delay_ms = answer_delay_ms
         self.codecs = codecs
         self.rtp_span = rtp_span
@@ -343,6 +345,7 @@ class PjsuaPhone:
             "--log-level",
             str(self.log_level),
             *(["--ring"] if self.ring else []),
+            *(["--early-media"] if self.early_media else []),
             *(self.account.args() if self.account else []),
         ]
 
@@ -1059,10 +1062,10 @@ def _run_phone(args: argparse.Namespace) -> int:
             at, call = entry
             if call.disconnected:
                 continue
-            if args.ring and not call.rang:
+            if (args.ring or args.early_media) and not call.rang:
                 call.rang = True
                 op = pj.CallOpParam(True)
-                op.statusCode = 180
+                op.statusCode = 183 if args.early_media else 180
                 call.answer(op)
             if at > now or call.disconnected:
                 continue
@@ -1157,6 +1160,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tone", type=float, default=700.0, help="tone played into calls (Hz)")
     ap.add_argument("--codecs", default="PCMU,PCMA", help="codecs offered, in order")
     ap.add_argument("--ring", action="store_true", help="send 180 Ringing before the 200")
+    ap.add_argument(
+        "--early-media", action="store_true", help="183 with SDP (the tone plays) before the 200"
+    )
     ap.add_argument("--answer-delay-ms", type=int, default=0, help="answer this much later")
     ap.add_argument("--log", default=None, help="pjsip log file")
     ap.add_argument("--log-level", type=int, default=4, help="pjsip log level for --log")
