@@ -153,7 +153,10 @@ class BridgedCall:
         """
         self._uri, self._account = uri, account
         self._webrtc = WebRtcLeg(
-            self._params.ice_servers, self._on_webrtc_lost, self._loopback_only
+            self._params.ice_servers,
+            self._on_webrtc_lost,
+            self._loopback_only,
+            on_digit=self._on_browser_digit,
         )
         try:
             answer = await self._webrtc.answer(offer_sdp, SipAudioTrack(self._bridge.from_sip))
@@ -215,7 +218,10 @@ class BridgedCall:
         self._incoming = True
         self._sip_released = False
         self._webrtc = WebRtcLeg(
-            self._params.ice_servers, self._on_webrtc_lost, self._loopback_only
+            self._params.ice_servers,
+            self._on_webrtc_lost,
+            self._loopback_only,
+            on_digit=self._on_browser_digit,
         )
         try:
             offer = await self._webrtc.offer(SipAudioTrack(self._bridge.from_sip))
@@ -370,6 +376,14 @@ class BridgedCall:
             )
             return
         self._arm("uplink", UPLINK_CHECK_INTERVAL, self._watch_uplink)
+
+    def _on_browser_digit(self, digit: str, duration_ms: int) -> None:
+        """A digit the browser sent in its RTP (RFC 4733): on to the phone, once answered."""
+        if self.state is State.ANSWERED:
+            logger.debug(
+                "call %s: in-band digit %s (%d ms) from the browser", self.key, digit, duration_ms
+            )
+            self._engine.send_dtmf(self.key, digit, "auto")
 
     def _on_webrtc_lost(self, why: str) -> None:
         logger.info("call %s: %s", self.key, why)

@@ -9,6 +9,7 @@ the local microphone.
 
 from __future__ import annotations
 
+import asyncio
 import wave
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import Gateway
+from peers.sipp import SippPhone
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -200,3 +202,50 @@ async def test_browser_tone_is_not_the_microphone(browser: Any, gateway: Gateway
 
     event = await hangup(page)
     assert event["by"] == "local", event
+
+
+class _RtpSink(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.packets: list[bytes] = []
+
+    def datagram_received(self, data: bytes, addr: object) -> None:
+        self.packets.append(data)
+
+
+async def test_browser_in_band_dtmf_reaches_the_phone_as_rfc4733(
+    browser: Any, gateway: Gateway, tmp_path: Path
+) -> None:
+    """Chromium's RTCDTMFSender sends telephone-events inside its RTP; the gateway
+    negotiates them, takes them out of the stream and sends each digit on to the
+    phone with the payload type the phone answered (96), not the browser's."""
+    loop = asyncio.get_running_loop()
+    transport, sink = await loop.create_datagram_endpoint(_RtpSink, local_addr=("127.0.0.1", 0))
+    rtp_port = transport.get_extra_info("sockname")[1]
+    try:
+        async with SippPhone("dtmf", tmp_path, dtmf_pt=96, rtp_port=rtp_port) as phone:
+            page = await open_call(browser, gateway, f"sipp{phone.port}")
+            answer = await page.evaluate("() => sipgw.pc.remoteDescription.sdp")
+            assert "telephone-event/48000" in answer, answer
+            sent = await page.evaluate(
+                """() => new Promise((resolve) => {
+                    const dtmf = sipgw.pc.getSenders().find((s) => s.dtmf).dtmf;
+                    const tones = [];
+                    dtmf.ontonechange = (e) => {
+                        if (!e.tone) resolve(tones); else tones.push(e.tone);
+                    };
+                    dtmf.insertDTMF("19#B", 120, 80);
+                })"""
+            )
+            assert sent == ["1", "9", "#", "B"], sent
+            await asyncio.sleep(1.5)
+            events = [p for p in sink.packets if len(p) >= 16 and p[1] & 0x7F == 96]
+            others = {p[1] & 0x7F for p in sink.packets} - {96}
+            assert others <= {0}, others  # PCMU audio, nothing on the browser's payload types
+            codes: list[int] = []
+            for packet in events:
+                if not codes or codes[-1] != packet[12]:
+                    codes.append(packet[12])
+            assert codes == [1, 9, 11, 13], codes  # 1, 9, # (11), B (13)
+            await hangup(page)
+    finally:
+        transport.close()

@@ -863,11 +863,19 @@ class SipEngine:
             self.emit(SipControlFailed(command.key, "dtmf", "the call is not connected"))
             return
         param = pj.CallSendDtmfParam()
-        param.method = _DTMF_METHODS[command.method]
+        # "auto" (digits the browser sent in its RTP): RFC 4733 if negotiated, else INFO.
+        method = "rfc4733" if command.method == "auto" else command.method
+        param.method = _DTMF_METHODS[method]
         param.digits = command.digits
         param.duration = DTMF_DURATION_MS
         try:
-            call.sendDtmf(param)
+            try:
+                call.sendDtmf(param)
+            except pj.Error:
+                if command.method != "auto":
+                    raise
+                param.method = _DTMF_METHODS["info"]
+                call.sendDtmf(param)
         except pj.Error as exc:
             if command.method == "rfc4733":
                 message = (

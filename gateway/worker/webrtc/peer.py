@@ -11,12 +11,14 @@ import asyncio
 import functools
 import logging
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from aiortc import (
     RTCConfiguration,
     RTCIceServer,
     RTCIceTransport,
     RTCPeerConnection,
+    RTCRtpReceiver,
     RTCRtpSender,
     RTCSessionDescription,
 )
@@ -26,10 +28,14 @@ from aiortc.sdp import MediaDescription, SessionDescription
 
 from gateway.config import IceServer
 
+from . import dtmf
+
 logger = logging.getLogger(__name__)
 
 #: Codecs accepted from the browser, most preferred first.
 PREFERRED_CODECS = ("audio/opus", "audio/PCMU", "audio/PCMA")
+#: Negotiated as well (after the audio codecs): the browser's in-band DTMF.
+EVENT_CODECS = (dtmf.MIME_TYPE,)
 
 #: How long closing a peer connection waits for its answer to be ready (gathering
 #: ends after 5 s at worst, when a STUN server does not answer).
@@ -114,6 +120,7 @@ class WebRtcLeg:
         ice_servers: Sequence[IceServer],
         on_lost: Callable[[str], None],
         loopback_only: bool = False,
+        on_digit: Callable[[str, int], None] | None = None,
     ) -> None:
         servers = [
             RTCIceServer(urls=list(s.urls), username=s.username, credential=s.credential)
@@ -125,6 +132,8 @@ class WebRtcLeg:
         self._counted = True
         self._on_lost = on_lost
         self._loopback_only = loopback_only
+        self._on_digit = on_digit
+        self._digits: dtmf.DigitReceiver | None = None
         loop = asyncio.get_running_loop()
         self._remote_track: asyncio.Future[MediaStreamTrack] = loop.create_future()
         self._connected: asyncio.Future[None] = loop.create_future()
@@ -191,33 +200,25 @@ class WebRtcLeg:
                 transceiver.direction = "inactive"
         if audio is None:  # pragma: no cover - check_offer guarantees one
             raise BadOffer("offer has no audio section")
-        capabilities = RTCRtpSender.getCapabilities("audio").codecs
-        preferences = [
-            codec
-            for name in PREFERRED_CODECS
-            for codec in capabilities
-            if codec.mimeType.lower() == name.lower()
-        ]
-        audio.setCodecPreferences(preferences)
+        audio.setCodecPreferences(_preferences())
         self.pc.addTrack(outgoing)
         answer = await self.pc.createAnswer()
         await self.pc.setLocalDescription(answer)
         local = self.pc.localDescription.sdp
         self.codec = negotiated_codec(local)
+        self._listen_for_digits(audio.receiver, local)
         return str(local)
+
+    def _listen_for_digits(self, receiver: RTCRtpReceiver, sdp: str) -> None:
+        """Take the browser's RFC 4733 events off ``receiver`` if ``sdp`` negotiated them."""
+        payload_types = dtmf.event_payload_types(sdp)
+        if self._on_digit is not None and payload_types and self._digits is None:
+            self._digits = dtmf.DigitReceiver(receiver, payload_types, self._on_digit)
 
     async def offer(self, outgoing: MediaStreamTrack) -> str:
         """Make the offer of an incoming call: one audio section, Opus first."""
         transceiver = self.pc.addTransceiver(outgoing, direction="sendrecv")
-        capabilities = RTCRtpSender.getCapabilities("audio").codecs
-        transceiver.setCodecPreferences(
-            [
-                codec
-                for name in PREFERRED_CODECS
-                for codec in capabilities
-                if codec.mimeType.lower() == name.lower()
-            ]
-        )
+        transceiver.setCodecPreferences(_preferences())
         await self.pc.setLocalDescription(await self.pc.createOffer())
         return str(self.pc.localDescription.sdp)
 
@@ -232,6 +233,10 @@ class WebRtcLeg:
             logger.debug("answer rejected by aiortc: %r", exc)
             raise BadOffer("answer rejected: the WebRTC stack cannot apply this SDP") from None
         self.codec = negotiated_codec(answer_sdp)
+        for transceiver in self.pc.getTransceivers():
+            if transceiver.kind == "audio":
+                self._listen_for_digits(transceiver.receiver, answer_sdp)
+                break
 
     async def remote_audio(self) -> MediaStreamTrack:
         """The browser's audio track (known once the offer is applied)."""
@@ -261,6 +266,18 @@ class WebRtcLeg:
         if self._counted:
             self._counted = False
             WebRtcLeg.unclosed -= 1
+
+
+def _preferences() -> list[Any]:
+    """The audio codecs to negotiate with a browser, in order, then telephone-event."""
+    dtmf.register_codec()
+    capabilities = RTCRtpSender.getCapabilities("audio").codecs
+    return [
+        codec
+        for name in (*PREFERRED_CODECS, *EVENT_CODECS)
+        for codec in capabilities
+        if codec.mimeType.lower() == name.lower()
+    ]
 
 
 async def close_peer_connection(pc: RTCPeerConnection) -> None:
