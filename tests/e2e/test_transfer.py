@@ -146,3 +146,34 @@ async def test_bad_transfers_get_errors_and_send_nothing(gateway, tmp_path):
         assert not [e for e in a.events if e.get("event") == "refer"], a.events
         assert not [m for m in client.messages if m["type"] == "hangup"], client.messages
         await client.hangup("c1")
+
+
+async def test_two_calls_one_held_while_the_other_talks(gateway, tmp_path):
+    """A desk phone's two lines: the held call is silent both ways, the other one
+    carries audio; swapping the hold swaps which phone hears the browser."""
+    async with (
+        PjsuaPhone(tmp_path / "a", tone_hz=A_HZ) as a,
+        PjsuaPhone(tmp_path / "b", tone_hz=B_HZ) as b,
+        WebClient(gateway.url) as client,
+    ):
+        c1 = await answered(client, "c1", f"sipp{a.port}", hz=1000)
+        reply = await client.request({"type": "hold", "call": "c1"})
+        assert (reply["type"], reply["by"]) == ("held", "local"), reply
+        c2 = await answered(client, "c2", f"sipp{b.port}", hz=1200)
+        await hears(b, 1200, "phone B on the active line")
+        heard = await c2.wait_for_tone(B_HZ, 8.0, min_rms=MIN_RMS)
+        assert abs(heard.hz - B_HZ) <= 10, heard
+        silence = await a.wait_for_silence()
+        assert silence.rms < 0.005, f"phone A hears the browser while held: {silence}"
+
+        reply = await client.request({"type": "hold", "call": "c2"})
+        assert reply["type"] == "held", reply
+        reply = await client.request({"type": "unhold", "call": "c1"})
+        assert (reply["type"], reply["by"]) == ("resumed", "local"), reply
+        await hears(a, 1000, "phone A after the swap")
+        heard = await c1.wait_for_tone(A_HZ, 8.0, min_rms=MIN_RMS)
+        assert abs(heard.hz - A_HZ) <= 10, heard
+        silence = await b.wait_for_silence()
+        assert silence.rms < 0.005, f"phone B hears the browser while held: {silence}"
+        for call_id in ("c1", "c2"):
+            await client.hangup(call_id)
