@@ -16,8 +16,12 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
-from .match import matches
-from .model import Action, DialplanError, InvalidNumber, Route, Rule
+from .match import e164_match, matches
+from .model import Action, DialplanError, InvalidNumber, MatchKind, Route, Rule
+from .numbers import dial_string, normalise
+
+#: The 403 of a number on the built-in deny list (see :mod:`dialplan.numbers`).
+RISKY_CODE = 403
 
 MAX_NUMBER_LENGTH = 64
 NUMBER_CHARACTER = re.compile(r"[0-9A-Za-z+*#._-]")
@@ -45,6 +49,27 @@ def validate_number(number: str) -> None:
             )
 
 
+def _risks(rule: Rule, number: str) -> set[str]:
+    """The deny-list categories of ``number`` that ``rule`` does not allow.
+
+    E164 rules know the number. Other rules are checked when the dialled string
+    is in international form (``+`` or ``00``): a prefix or regex rule meant for
+    extensions must not become a way out to premium or satellite numbers.
+    """
+    if rule.kind is MatchKind.E164:
+        phone = e164_match(rule, number)
+    elif number.startswith(("+", "00")):
+        try:
+            phone = normalise(number, "ZZ")
+        except InvalidNumber:
+            phone = None
+    else:
+        return set()
+    if phone is None:
+        return set()
+    return {str(risk) for risk in phone.risks} - rule.allow
+
+
 def unsafe_uri_character(text: str) -> str | None:
     """Return the first character that must never appear in a SIP URI we send.
 
@@ -69,10 +94,22 @@ def route(
     take precedence over variables of the same name.
     """
     validate_number(number)
+    if number.startswith("+"):
+        dial_string(number)  # "+" promises a telephone number: nothing but digits after it
     for rule in rules:
         placeholders = matches(rule, number)
         if placeholders is None:
             continue
+        risky = _risks(rule, number)
+        if risky and rule.reject is None:
+            return Route(
+                action=Action.REJECT,
+                rule=rule.name,
+                uri=None,
+                code=RISKY_CODE,
+                reason=f"{', '.join(sorted(risky))} numbers may not be dialled "
+                f"(built-in deny list; rule '{rule.name}' does not allow them)",
+            )
         if rule.reject is not None:
             return Route(
                 action=Action.REJECT,
@@ -100,6 +137,7 @@ def route(
             uri=uri,
             code=None,
             reason=rule.reason,
+            e164=placeholders.get("e164"),
         )
     return Route(
         action=Action.REJECT,

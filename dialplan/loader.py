@@ -11,18 +11,40 @@ import json
 import re
 import string
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from .engine import unsafe_uri_character, validate_number
 from .model import DialplanError, InvalidNumber, MatchKind, Rule
+from .numbers import TYPES, Risk, is_region
 
-KNOWN_KEYS = frozenset({"name", "exact", "prefix", "regex", "target", "reject", "reason"})
-MATCH_KEYS = ("exact", "prefix", "regex")
+KNOWN_KEYS = frozenset(
+    {
+        "name",
+        "exact",
+        "prefix",
+        "regex",
+        "e164",
+        "countries",
+        "types",
+        "allow",
+        "target",
+        "reject",
+        "reason",
+    }
+)
+MATCH_KEYS = ("exact", "prefix", "regex", "e164")
 RESERVED_PLACEHOLDERS = frozenset({"number", "suffix"})
+#: What an ``e164`` rule's target may use besides ``number`` and ``suffix``.
+E164_PLACEHOLDERS = frozenset({"e164", "e164_digits", "national", "country_code"})
+_E164_PREFIX = re.compile(r"\+[0-9]{0,15}")
 URI_SCHEMES = ("sip:", "sips:")
 
 
-def load_rules(data: object, variables: Iterable[str] = ()) -> tuple[Rule, ...]:
+def load_rules(data: object, variables: Iterable[str] = (), region: str = "") -> tuple[Rule, ...]:
     """Build the rule list from the parsed value of ``dialplan.rules``.
+
+    ``region`` (``dialplan.default_region``, e.g. ``US``) is where national
+    numbers are dialled from; ``e164`` rules need it.
 
     ``variables`` names the extra placeholders (e.g. ``embedded``) that the
     caller will pass to :func:`route`; targets may use only those, ``number``,
@@ -35,7 +57,7 @@ def load_rules(data: object, variables: Iterable[str] = ()) -> tuple[Rule, ...]:
     known_variables = frozenset(variables)
     rules: list[Rule] = []
     for index, entry in enumerate(data):
-        rule = _load_rule(index, entry, known_variables)
+        rule = _load_rule(index, entry, known_variables, region)
         _check_reachable(index, rule, rules)
         rules.append(rule)
     return tuple(rules)
@@ -50,7 +72,7 @@ def _quote(name: str) -> str:
     return json.dumps(name, ensure_ascii=False)
 
 
-def _load_rule(index: int, entry: object, variables: frozenset[str]) -> Rule:
+def _load_rule(index: int, entry: object, variables: frozenset[str], region: str = "") -> Rule:
     if not isinstance(entry, Mapping):
         raise DialplanError(f"{_location(index)}: must be a table, got {type(entry).__name__}")
     if "name" not in entry:
@@ -83,10 +105,26 @@ def _load_rule(index: int, entry: object, variables: frozenset[str]) -> Rule:
 
     target: str | None = None
     reject: int | None = None
+    if kind is MatchKind.E164 and not region:
+        raise DialplanError(
+            f"{where}: key 'e164' needs dialplan.default_region (e.g. \"US\"), the region "
+            "national numbers are dialled from"
+        )
+    if kind is not MatchKind.E164:
+        for key in ("countries", "types"):
+            if key in entry:
+                raise DialplanError(f"{where}: key {key!r} needs an 'e164' rule")
+    countries = _names(entry, "countries", where, is_region, 'a region code such as "US"')
+    types = _names(entry, "types", where, TYPES.__contains__, f"one of {', '.join(TYPES)}")
+    risks = [r.value for r in Risk]
+    allow = _names(entry, "allow", where, risks.__contains__, f"one of {', '.join(risks)}")
     if has_target:
         target = _string(entry, "target", where)
         groups = compiled.groupindex if compiled is not None else {}
-        _check_target(target, RESERVED_PLACEHOLDERS | variables | set(groups), where)
+        known = RESERVED_PLACEHOLDERS | variables | set(groups)
+        if kind is MatchKind.E164:
+            known |= E164_PLACEHOLDERS
+        _check_target(target, known, where)
     else:
         reject = _reject_code(entry["reject"], where)
 
@@ -98,7 +136,26 @@ def _load_rule(index: int, entry: object, variables: frozenset[str]) -> Rule:
         target=target,
         reject=reject,
         reason=reason,
+        countries=countries,
+        types=types,
+        allow=allow,
+        region=region if kind is MatchKind.E164 else "",
     )
+
+
+def _names(
+    entry: Mapping[object, object], key: str, where: str, valid: Any, expected: str
+) -> frozenset[str]:
+    """A list of names (``countries``, ``types``, ``allow``), each one checked."""
+    if key not in entry:
+        return frozenset()
+    value = entry[key]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise DialplanError(f"{where}: key {key!r} must be a list of strings")
+    for item in value:
+        if not valid(item):
+            raise DialplanError(f"{where}: key {key!r}: {item!r} is not {expected}")
+    return frozenset(value)
 
 
 def _string(
@@ -121,6 +178,8 @@ def _load_match(entry: Mapping[object, object], where: str) -> tuple[MatchKind, 
             f"{where}: keys {present[0]!r} and {present[1]!r} are mutually exclusive"
         )
     key = present[0]
+    if key == "e164":
+        return MatchKind.E164, _e164_prefixes(entry[key], where)
     pattern = _string(entry, key, where)
     if key != "regex":
         # A literal pattern that is not itself dialable can never match.
@@ -129,6 +188,19 @@ def _load_match(entry: Mapping[object, object], where: str) -> tuple[MatchKind, 
         except InvalidNumber as exc:
             raise DialplanError(f"{where}: key {key!r} can never match: {exc}") from None
     return MatchKind(key), pattern
+
+
+def _e164_prefixes(value: object, where: str) -> str:
+    """``e164 = "+1"`` or ``["+1", "+44"]`` (``"+"``: any number) as the rule's pattern."""
+    prefixes = [value] if isinstance(value, str) else value
+    if not isinstance(prefixes, list) or not prefixes:
+        raise DialplanError(f"{where}: key 'e164' must be a prefix such as \"+1\" or a list")
+    for prefix in prefixes:
+        if not isinstance(prefix, str) or not _E164_PREFIX.fullmatch(prefix):
+            raise DialplanError(
+                f"{where}: key 'e164': {prefix!r} is not an E.164 prefix ('+' and digits)"
+            )
+    return ",".join(prefixes)
 
 
 def _reject_code(value: object, where: str) -> int:
@@ -191,6 +263,12 @@ def _check_reachable(index: int, rule: Rule, earlier: Sequence[Rule]) -> None:
 
 def _shadows(first: Rule, later: Rule) -> bool:
     """True if every number ``later`` matches is already matched by ``first``."""
+    if MatchKind.E164 in (first.kind, later.kind):
+        return (
+            first.kind is later.kind
+            and first.pattern == later.pattern
+            and (first.countries, first.types) == (later.countries, later.types)
+        )
     if first.kind is later.kind and first.pattern == later.pattern:
         return True
     if first.kind is MatchKind.PREFIX:

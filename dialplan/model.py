@@ -17,6 +17,10 @@ class MatchKind(StrEnum):
     EXACT = "exact"
     PREFIX = "prefix"
     REGEX = "regex"
+    #: The number, normalised to E.164 (``phonenumbers``), starts with one of
+    #: the rule's prefixes (``pattern``: comma-separated, e.g. ``+1,+44``) and
+    #: passes its country and type filters.
+    E164 = "e164"
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,14 @@ class Rule:
     target: str | None = None
     reject: int | None = None
     reason: str = ""
+    #: E164 rules: ISO regions the number must belong to (empty: any).
+    countries: frozenset[str] = frozenset()
+    #: E164 rules: number types allowed (``fixed_line``, ``mobile``...; empty: any).
+    types: frozenset[str] = frozenset()
+    #: Categories of the built-in deny list this rule lets through (``premium_rate``...).
+    allow: frozenset[str] = frozenset()
+    #: E164 rules: the region a national number is dialled from (``dialplan.default_region``).
+    region: str = ""
     compiled: re.Pattern[str] | None = field(default=None, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -41,6 +53,11 @@ class Rule:
             raise ValueError(f"rule {self.name!r}: exactly one of target and reject must be set")
         if self.kind is MatchKind.REGEX:
             object.__setattr__(self, "compiled", re.compile(self.pattern))
+
+    @property
+    def prefixes(self) -> tuple[str, ...]:
+        """An E164 rule's E.164 prefixes."""
+        return tuple(self.pattern.split(","))
 
 
 class Action(StrEnum):
@@ -63,6 +80,8 @@ class Route:
     uri: str | None
     code: int | None
     reason: str
+    #: The number in E.164 form, when an ``e164`` rule recognised it.
+    e164: str | None = None
 
 
 class DialplanError(ValueError):

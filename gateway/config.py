@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dialplan import DialplanError, Rule, load_rules
+from dialplan.numbers import is_region
 
 #: Names the dialplan templates may use besides the number placeholders.
 DIALPLAN_VARIABLES = ("embedded", "registrar")
@@ -663,11 +664,18 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 def _load_dialplan(value: Any) -> tuple[Rule, ...]:
     if not isinstance(value, dict):
         raise ConfigError("config: [dialplan] must be a table")
-    unknown = set(value) - {"rules"}
+    unknown = set(value) - {"rules", "default_region"}
     if unknown:
-        raise ConfigError(f"config: dialplan: unknown key {sorted(unknown)[0]!r} (known: rules)")
+        raise ConfigError(
+            f"config: dialplan: unknown key {sorted(unknown)[0]!r} (known: default_region, rules)"
+        )
+    region = value.get("default_region", "")
+    if not isinstance(region, str) or (region and not is_region(region)):
+        raise ConfigError(
+            f'config: dialplan.default_region: {region!r} is not a region code such as "US"'
+        )
     try:
-        return load_rules(value.get("rules", []), DIALPLAN_VARIABLES)
+        return load_rules(value.get("rules", []), DIALPLAN_VARIABLES, region)
     except DialplanError as exc:
         raise ConfigError(f"config: {exc}") from exc
 

@@ -169,7 +169,9 @@ class TokenVerifier:
             or len(dial) > MAX_DIAL_ENTRIES
             or not all(isinstance(name, str) for name in dial)
         ):
-            raise Unauthorized("token 'dial' must be a list of dialplan rule names")
+            raise Unauthorized(
+                "token 'dial' must be a list of dialplan rule names or E.164 prefixes"
+            )
         max_calls = claims.get("max_calls")
         if max_calls is not None and (
             isinstance(max_calls, bool) or not isinstance(max_calls, int) or max_calls < 1

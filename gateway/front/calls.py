@@ -218,6 +218,15 @@ class _OwnerCalls(Generic[W]):
 _REFER_USER = re.compile(r"[A-Za-z0-9+*#._-]{1,64}")
 
 
+def _granted(decision: Route, dial: frozenset[str]) -> bool:
+    """Whether a token's ``dial`` claim allows the route: its rule's name, or (for a
+    number an ``e164`` rule recognised) an E.164 prefix such as ``+1`` or ``+4420``."""
+    if decision.rule in dial:
+        return True
+    e164 = decision.e164
+    return e164 is not None and any(p.startswith("+") and e164.startswith(p) for p in dial)
+
+
 def refer_target(uri: str) -> str | None:
     """The user part of a Refer-To URI (``<sip:1003@pbx;transport=udp?Replaces=...>``).
 
@@ -443,7 +452,7 @@ class CallManager(Generic[W]):
             raise Refused(
                 refusal, f"{to!r} may not be dialled: {decision.reason} (SIP {decision.code})"
             )
-        if grant is not None and grant.dial is not None and decision.rule not in grant.dial:
+        if grant is not None and grant.dial is not None and not _granted(decision, grant.dial):
             raise Refused(Refusal.TOKEN_DIAL, f"{to!r} may not be dialled with this token")
         return decision
 

@@ -171,7 +171,10 @@ def test_invalid_number(number: str, message: str) -> None:
 def test_longest_allowed_number_and_charset() -> None:
     rules = load_rules([{"name": "all", "regex": ".*", "target": "sip:{number}@x"}])
     assert route("1" * 64, rules).action is Action.DIAL
-    assert route("+*#._-aZ09", rules).uri == "sip:+*#._-aZ09@x"
+    assert route("*#._-aZ09+", rules).uri == "sip:*#._-aZ09+@x"
+    # A leading "+" promises a telephone number: only digits (and separators) follow.
+    with pytest.raises(InvalidNumber, match="not a telephone number"):
+        route("+*#._-aZ09", rules)
 
 
 def test_expanded_uri_is_checked() -> None:

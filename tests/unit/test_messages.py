@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.front.signaling.messages import (
     Accepted,
@@ -190,3 +192,66 @@ def test_transfer_events_encode():
         "call": "c1",
         "to": "1003",
     }
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+_TYPES = st.sampled_from(
+    [
+        "call",
+        "hangup",
+        "dtmf",
+        "hold",
+        "register",
+        "accept",
+        "reject",
+        "transfer",
+        "transfer_accept",
+        "hello",
+        "ping",
+        "nope",
+    ]
+)
+_FIELDS = st.sampled_from(
+    [
+        "call",
+        "to",
+        "sdp",
+        "id",
+        "digits",
+        "method",
+        "user",
+        "password",
+        "code",
+        "replaces",
+        "new_call",
+        "token",
+        "display_name",
+        "domain",
+    ]
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(max_size=200))
+def test_any_text_parses_or_gives_a_protocol_error(text):
+    try:
+        parse(text)
+    except ProtocolError as exc:
+        assert exc.code in ("bad_request",), exc.code
+
+
+@settings(max_examples=800, deadline=None)
+@given(_TYPES, st.dictionaries(_FIELDS, _JSON, max_size=6))
+def test_any_request_shaped_object_parses_or_gives_a_protocol_error(kind, fields):
+    try:
+        request = parse(json.dumps({**fields, "type": kind}))
+    except ProtocolError as exc:
+        assert exc.code == "bad_request" and "\n" not in exc.message, exc.message
+        return
+    assert type(request).__name__.lower().replace("_", "").startswith(kind.replace("_", "")[:4])
