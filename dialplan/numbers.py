@@ -20,8 +20,8 @@ from phonenumbers import PhoneNumberType
 from .model import InvalidNumber
 
 #: What a dialled number may look like before normalisation: ASCII digits, an
-#: optional leading ``+``, and the separators people type (space . - ( )).
-_DIAL_STRING = re.compile(r"\+?[0-9 .()\-]{1,40}")
+#: optional leading ``+``, and single dots or dashes between digits.
+_DIAL_STRING = re.compile(r"\+?[0-9]+(?:[.\-][0-9]+)*")
 #: E.164 allows 15 digits; a few more for national prefixes and 00 access codes.
 MAX_DIGITS = 17
 
@@ -118,14 +118,17 @@ class PhoneNumber:
 def dial_string(number: str) -> str:
     """``number`` without separators if it is a plain dial string, else InvalidNumber.
 
-    Refused: anything but ASCII digits, one leading ``+`` and `` .-()``; so no
+    Refused: anything but ASCII digits, one leading ``+`` and ``.`` or ``-``
+    between two digits; so no
     URIs (``sip:``, ``tel:``), no ``@ ; , %``, no letters, no full-width or
     Arabic-Indic digits, no control characters; and more than
     :data:`MAX_DIGITS` digits.
     """
     if not _DIAL_STRING.fullmatch(number):
-        raise InvalidNumber("number is not a telephone number (digits, a leading +, spaces)")
-    digits = re.sub(r"[ .()\-]", "", number)
+        raise InvalidNumber(
+            "number is not a telephone number (digits, a leading +, single . or - between digits)"
+        )
+    digits = re.sub(r"[.\-]", "", number)
     count = len(digits.lstrip("+"))
     if count == 0 or count > MAX_DIGITS:
         raise InvalidNumber(f"a telephone number has 1 to {MAX_DIGITS} digits")
