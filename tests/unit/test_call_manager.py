@@ -370,3 +370,24 @@ def test_a_tokens_grant_narrows_routes_and_calls(pool, metrics, clock):
 )
 def test_refer_target_keeps_only_the_number(uri, number):
     assert refer_target(uri) == number
+
+
+def test_a_dial_claim_allows_rule_names_and_e164_prefixes():
+    from dialplan import load_rules, route
+    from gateway.front.calls import _granted
+
+    rules = load_rules(
+        [
+            {"name": "us", "e164": "+1", "countries": ["US"], "target": "sip:{e164}@t"},
+            {"name": "ext", "regex": "[0-9]{4}", "target": "sip:{number}@pbx"},
+        ],
+        region="US",
+    )
+    toll_free = route("18002345678", rules)
+    landline = route("2025550123", rules)
+    extension = route("1001", rules)
+    assert _granted(toll_free, frozenset({"+1800"}))
+    assert not _granted(landline, frozenset({"+1800"}))
+    assert _granted(landline, frozenset({"us"}))
+    assert not _granted(extension, frozenset({"+1", "us"}))  # no E.164 for an extension
+    assert _granted(extension, frozenset({"ext"}))
