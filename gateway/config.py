@@ -52,6 +52,16 @@ class HttpConfig:
     max_messages_per_second: int = 50
     #: WebSocket connections open at once from one source address (0: no limit).
     max_connections_per_ip: int = 20
+    #: Live calls of one token ``sub``, all connections together (0: no limit).
+    max_calls_per_user: int = 4
+    #: Live calls from one source address, all connections together (0: no limit).
+    max_calls_per_ip: int = 16
+    #: Live outgoing calls of the whole gateway (0: the workers' capacity alone).
+    max_calls_total: int = 0
+    #: Calls one token ``sub`` may start per minute (0: no limit).
+    calls_per_minute_per_user: int = 30
+    #: Calls one source address may start per minute (0: no limit).
+    calls_per_minute_per_ip: int = 60
 
     @property
     def loopback(self) -> bool:
@@ -74,6 +84,14 @@ class HttpConfig:
                 )
         _check_range("http.max_messages_per_second", self.max_messages_per_second, 1, 100000)
         _check_range("http.max_connections_per_ip", self.max_connections_per_ip, 0, 1000000)
+        for key in (
+            "max_calls_per_user",
+            "max_calls_per_ip",
+            "max_calls_total",
+            "calls_per_minute_per_user",
+            "calls_per_minute_per_ip",
+        ):
+            _check_range(f"http.{key}", getattr(self, key), 0, 1000000)
 
 
 _ORIGIN = re.compile(
@@ -116,7 +134,8 @@ class WorkersConfig:
         _check_range("workers.count", self.count, 1, 256)
         _check_range("workers.calls_per_worker", self.calls_per_worker, 1, 4)
         _check_range("workers.restart_delay", self.restart_delay, 0.0, 600.0)
-        _check_range("workers.max_setups_per_second", self.max_setups_per_second, 1, 40)
+        # 40 aborted a worker: 486s at that rate ran pjlib's 64-slot socket pool dry.
+        _check_range("workers.max_setups_per_second", self.max_setups_per_second, 1, 20)
 
 
 #: Values of ``sip.session_timers``.

@@ -96,6 +96,9 @@ class StartCall:
     #: Place it from this registration's account (From, digest, outbound proxy);
     #: 0: the worker's own identity.
     account: int = 0
+    #: Seconds the answered call may last (the token's ``max_duration``); 0: the
+    #: worker's ``calls.max_duration`` alone. The smaller of the two applies.
+    max_duration: float = 0.0
 
 
 @dataclass(frozen=True)

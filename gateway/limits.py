@@ -34,6 +34,11 @@ class SlidingWindow:
         self._prune(self._clock())
         return len(self._events) >= self.limit
 
+    def busy(self) -> bool:
+        """Has any event happened within the window?"""
+        self._prune(self._clock())
+        return bool(self._events)
+
     def add(self) -> bool:
         """Record an event if the window has room; ``False`` (and nothing recorded) if not."""
         now = self._clock()

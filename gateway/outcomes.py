@@ -198,6 +198,16 @@ class Refusal(Enum):
     TOKEN_DIAL = RefusalRow("forbidden")
     #: The connection has the token's ``max_calls`` live calls.
     TOKEN_CALL_LIMIT = RefusalRow("busy")
+    #: The token's user has ``http.max_calls_per_user`` live calls (all connections).
+    USER_CALL_LIMIT = RefusalRow("busy")
+    #: The source address has ``http.max_calls_per_ip`` live calls (all connections).
+    ADDRESS_CALL_LIMIT = RefusalRow("busy")
+    #: The gateway carries ``http.max_calls_total`` calls.
+    GATEWAY_CALL_LIMIT = RefusalRow("busy")
+    #: The token's user started ``http.calls_per_minute_per_user`` calls in the last minute.
+    USER_CALL_RATE = RefusalRow("rate_limited")
+    #: The source address started ``http.calls_per_minute_per_ip`` calls in the last minute.
+    ADDRESS_CALL_RATE = RefusalRow("rate_limited")
 
     @property
     def error(self) -> str:

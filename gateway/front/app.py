@@ -30,6 +30,7 @@ from .calls import CallManager
 from .metrics import Metrics
 from .orphans import Orphans
 from .pool import StartupError, WorkerHandle, WorkerPool, worker_params
+from .quotas import QuotaLimits
 from .registrations import Registrations
 from .signaling.session import Session, websocket_handler
 from .targets import EmbeddedTargets
@@ -173,6 +174,13 @@ async def _workers_and_calls(app: web.Application) -> AsyncIterator[None]:
         embedded=targets,
         on_orphaned=orphans.end,
         registrations=Registrations(config.registrar, config.accounts, pool, pool.workers),
+        quotas=QuotaLimits(
+            calls_per_user=config.http.max_calls_per_user,
+            calls_per_ip=config.http.max_calls_per_ip,
+            calls_total=config.http.max_calls_total,
+            per_minute_per_user=config.http.calls_per_minute_per_user,
+            per_minute_per_ip=config.http.calls_per_minute_per_ip,
+        ),
     )
     app[POOL] = pool
     app[MANAGER] = manager
@@ -264,6 +272,7 @@ async def _census(request: web.Request) -> web.Response:
         "call_owners": manager.connections,
         "websockets": len(app[SESSIONS]),
         "worker_slots": sum(len(w.slots) for w in pool.workers),
+        "quota_calls": manager.quotas.live_total,
     }
     children = [pool.census(CENSUS_TIMEOUT)]
     if TARGETS in app:

@@ -177,11 +177,19 @@ class TokenVerifier:
             isinstance(max_calls, bool) or not isinstance(max_calls, int) or max_calls < 1
         ):
             raise Unauthorized("token 'max_calls' must be a positive integer")
+        max_duration = claims.get("max_duration")
+        if max_duration is not None and (
+            isinstance(max_duration, bool)
+            or not isinstance(max_duration, int | float)
+            or not 1 <= max_duration <= 7 * 86400
+        ):
+            raise Unauthorized("token 'max_duration' must be a number of seconds, 1 to 604800")
         return Grant(
             user=sub,
             dial=frozenset(dial) if dial is not None else None,
             max_calls=max_calls,
             expires=float(exp),
+            max_duration=float(max_duration) if max_duration is not None else None,
         )
 
 

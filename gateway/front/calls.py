@@ -50,6 +50,7 @@ from gateway.limits import RateLimit, SlidingWindow, suppressed_note
 from gateway.outcomes import End, Ending, Refusal, Refused, ending
 
 from .metrics import Metrics
+from .quotas import CallQuotas, QuotaLimits
 from .registrations import Registrations
 
 logger = logging.getLogger(__name__)
@@ -142,6 +143,8 @@ class Grant:
     max_calls: int | None = None
     #: The token's ``exp`` (Unix time): no new call after it.
     expires: float = float("inf")
+    #: Seconds each answered call may last (the token's ``max_duration``; None: no claim).
+    max_duration: float | None = None
 
 
 class NotAnswered(RuntimeError):
@@ -199,6 +202,9 @@ class FrontCall(Generic[W]):
     #: This call follows such a request on the owner's call of this id: once it is
     #: answered, that call ends as transferred.
     transfer_of: str | None = None
+    #: Counted in the quotas (placed calls): the token's user and the source address.
+    user: str | None = None
+    address: str | None = None
 
 
 @dataclass
@@ -258,8 +264,10 @@ class CallManager(Generic[W]):
         embedded: Embedded | None = None,
         registrations: Registrations[Any] | None = None,
         wall_clock: Callable[[], float] = time.time,
+        quotas: QuotaLimits | None = None,
     ) -> None:
         self._pool = pool
+        self.quotas = CallQuotas(quotas or QuotaLimits(), clock)
         self.registrations = registrations
         self._embedded = embedded
         self._rules = tuple(rules)
@@ -324,14 +332,16 @@ class CallManager(Generic[W]):
         sdp: str,
         request_id: str | None,
         grant: Grant | None = None,
+        address: str = "",
     ) -> None:
         """Route and start a call, or raise :class:`~gateway.outcomes.Refused`.
 
         ``grant`` (an authenticated connection's token) narrows what may be
-        dialled and how many calls the connection may have.
+        dialled and how many calls the connection may have; the user's and the
+        source ``address``'s quotas count across connections.
         """
         try:
-            self._place(owner, call_id, to, sdp, request_id, grant)
+            self._place(owner, call_id, to, sdp, request_id, grant, address)
         except Refused as refused:
             self._metrics.call_refused(refused.refusal)
             self._log_refusal(
@@ -352,6 +362,7 @@ class CallManager(Generic[W]):
         sdp: str,
         request_id: str | None,
         grant: Grant | None,
+        address: str = "",
     ) -> None:
         if grant is not None and self._wall_clock() >= grant.expires:
             raise Refused(
@@ -382,6 +393,27 @@ class CallManager(Generic[W]):
             )
         if not self.accepting:
             raise Refused(Refusal.SHUTTING_DOWN, "the gateway is shutting down")
+        user = grant.user if grant is not None else None
+        self.quotas.admit(user, address)
+        try:
+            self._place_admitted(owner, owned, call_id, to, sdp, request_id, grant)
+        except BaseException:
+            self.quotas.release(user, address)
+            raise
+        self.quotas.started(user, address)
+        call = owned.live[call_id]
+        call.user, call.address = user, address
+
+    def _place_admitted(
+        self,
+        owner: CallOwner,
+        owned: _OwnerCalls[W],
+        call_id: str,
+        to: str,
+        sdp: str,
+        request_id: str | None,
+        grant: Grant | None,
+    ) -> None:
         key = next(self._keys)
         targets = self._embedded
         # Picked before routing: which targets process ``{embedded}`` stands for.
@@ -424,7 +456,8 @@ class CallManager(Generic[W]):
         # transfer joins two calls of one pjsua2 endpoint.
         prefer = next((c.worker for c in owned.live.values()), None)
         worker = self._pool.acquire(key, only, prefer)
-        if not self._pool.send(worker, StartCall(key, sdp, decision.uri, account)):
+        max_duration = grant.max_duration or 0.0 if grant is not None else 0.0
+        if not self._pool.send(worker, StartCall(key, sdp, decision.uri, account, max_duration)):
             self._pool.release(worker, key)
             raise Refused(Refusal.WORKER_UNREACHABLE, "the gateway worker is restarting")
         embedded = "embedded" in variables and f"@{variables['embedded']}" in decision.uri
@@ -501,6 +534,7 @@ class CallManager(Generic[W]):
         sdp: str,
         request_id: str | None,
         grant: Grant | None = None,
+        address: str = "",
     ) -> None:
         """Follow the far end's transfer request on ``call_id``: call its target as ``new_call``.
 
@@ -512,7 +546,7 @@ class CallManager(Generic[W]):
         target = call.transfer_target
         if target is None:
             raise NoTransferRequest(call_id)
-        self.place(owner, new_call, target, sdp, request_id, grant)
+        self.place(owner, new_call, target, sdp, request_id, grant, address)
         call.transfer_target = None
         placed = self._owned(owner).live.get(new_call)
         if placed is not None:
@@ -828,7 +862,9 @@ class CallManager(Generic[W]):
             logger.info(fmt + suppressed_note(suppressed), *args)
 
     def _forget(self, call: FrontCall[W]) -> None:
-        self._calls.pop(call.key, None)
+        if self._calls.pop(call.key, None) is not None and call.address is not None:
+            self.quotas.release(call.user, call.address)
+            call.address = None
         if call.embedded and self._embedded is not None:
             self._embedded.release(call.key)
         for owned in self._owners.values():

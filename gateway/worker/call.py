@@ -123,6 +123,8 @@ class BridgedCall:
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._media_up = False
         self._uplink_seen = (-1, 0.0)  # (frames pushed, when that count was first seen)
+        #: This call's own bound on its answered life (the token's ``max_duration``; 0: none).
+        self.max_duration = 0.0
         self._sip_released = True  # until an INVITE goes out
         #: An incoming call (the phone called a registered browser user).
         self._incoming = False
@@ -409,7 +411,8 @@ class BridgedCall:
         ):
             self._disarm("invite")
             self._disarm("ringing")
-            self._arm("duration", self._limits.max_duration, self._on_duration_limit)
+            limits = [d for d in (self._limits.max_duration, self.max_duration) if d > 0]
+            self._arm("duration", min(limits, default=0.0), self._on_duration_limit)
             self.state = State.ANSWERED
             codec = self._webrtc.codec if self._webrtc else ""
             self._send(CallAccepted(self.key, codec, event.codec))

@@ -162,6 +162,7 @@ class Worker:
         )
         self._calls[message.key] = call
         self._idle.clear()
+        call.max_duration = message.max_duration
         self._spawn(call.start(message.offer_sdp, message.uri, message.account))
 
     def _on_end_call(self, message: EndCall) -> None:

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 #: Counts that are 0 on an idle gateway: a baseline is taken only once they are.
 IDLE_ZERO = (
     "calls",
+    "quota_calls",
     "call_owners",
     "websockets",
     "worker_slots",

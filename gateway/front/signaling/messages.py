@@ -45,7 +45,13 @@ class ProtocolError(Exception):
     """A request the gateway refuses; becomes an ``error`` message."""
 
     def __init__(
-        self, code: str, message: str, *, id: str | None = None, call: str | None = None
+        self,
+        code: str,
+        message: str,
+        *,
+        id: str | None = None,
+        call: str | None = None,
+        refusal: str | None = None,
     ) -> None:
         assert code in ERROR_CODES, code
         super().__init__(message)
@@ -53,6 +59,7 @@ class ProtocolError(Exception):
         self.message = message
         self.id = id
         self.call = call
+        self.refusal = refusal
 
 
 # --- client -> gateway -------------------------------------------------------------
@@ -330,10 +337,13 @@ class Error:
     message: str
     id: str | None = None
     call: str | None = None
+    #: For a ``call`` that never started: why, one label per limit or check
+    #: (``user_call_limit``, ``no_route``...; the refusals table of the protocol).
+    refusal: str | None = None
 
     @classmethod
     def from_exception(cls, exc: ProtocolError) -> Error:
-        return cls(exc.code, exc.message, exc.id, exc.call)
+        return cls(exc.code, exc.message, exc.id, exc.call, exc.refusal)
 
 
 Event = (

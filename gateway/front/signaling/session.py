@@ -373,11 +373,21 @@ class Session:
     def _on_call(self, request: Call) -> None:
         try:
             self._manager.place(
-                self, request.call, request.to, request.sdp, request.id, grant=self.grant
+                self,
+                request.call,
+                request.to,
+                request.sdp,
+                request.id,
+                grant=self.grant,
+                address=self._peer,
             )
         except Refused as refused:
             raise ProtocolError(
-                refused.refusal.error, refused.message, id=request.id, call=request.call
+                refused.refusal.error,
+                refused.message,
+                id=request.id,
+                call=request.call,
+                refusal=refused.refusal.label,
             ) from None
 
     def _on_hangup(self, request: Hangup) -> None:
@@ -441,11 +451,21 @@ class Session:
         with _call_errors("transfer_accept", request.call, request.id, "is ending"):
             try:
                 self._manager.accept_transfer(
-                    self, request.call, request.new_call, request.sdp, request.id, self.grant
+                    self,
+                    request.call,
+                    request.new_call,
+                    request.sdp,
+                    request.id,
+                    self.grant,
+                    self._peer,
                 )
             except Refused as refused:  # about the new call
                 raise ProtocolError(
-                    refused.refusal.error, refused.message, id=request.id, call=request.new_call
+                    refused.refusal.error,
+                    refused.message,
+                    id=request.id,
+                    call=request.new_call,
+                    refusal=refused.refusal.label,
                 ) from None
 
     def _on_transfer_reject(self, request: TransferReject) -> None:
@@ -513,7 +533,7 @@ class Session:
     def call_refused(
         self, call_id: str, refusal: Refusal, message: str, request_id: str | None
     ) -> None:
-        self.send(Error(refusal.error, message, id=request_id, call=call_id))
+        self.send(Error(refusal.error, message, request_id, call_id, refusal.label))
 
 
 @contextlib.contextmanager
