@@ -302,8 +302,17 @@ class RegistrarConfig:
     expires: int = 300
     #: Seconds an incoming call rings in the browser before it is refused with 480.
     ring_timeout: float = 30.0
+    #: The digest realm the users' passwords are for: only challenges in this
+    #: realm are answered (an attacker's 407 with another realm gets no digest).
+    #: Empty: the users' domain. Asterisk's default realm is ``asterisk``.
+    realm: str = ""
 
     def validate(self) -> None:
+        if self.realm and (not _plain(self.realm) or "*" in self.realm):
+            raise ConfigError(
+                f"config: registrar.realm = {self.realm!r} is not a realm (no spaces, "
+                "quotes, angle brackets or *)"
+            )
         if self.uri:
             if not self.uri.startswith(("sip:", "sips:")) or not _plain(self.uri):
                 raise ConfigError(
@@ -314,6 +323,11 @@ class RegistrarConfig:
             raise ConfigError(f"config: registrar.domain = {self.domain!r} is not a host name")
         _check_range("registrar.expires", self.expires, 60, 86400)
         _check_range("registrar.ring_timeout", self.ring_timeout, 1.0, 600.0)
+
+    @property
+    def digest_realm(self) -> str:
+        """The realm whose challenges the users' credentials answer."""
+        return self.realm or self.realm_domain
 
     @property
     def realm_domain(self) -> str:

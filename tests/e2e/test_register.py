@@ -36,7 +36,9 @@ BROWSER_HZ = 1000
 
 
 @asynccontextmanager
-async def pbx(tmp_path: Any, **options: Any) -> AsyncIterator[tuple[Kamailio, Gateway]]:
+async def pbx(
+    tmp_path: Any, registrar: dict[str, Any] | None = None, **options: Any
+) -> AsyncIterator[tuple[Kamailio, Gateway]]:
     """Kamailio, and a gateway registering to it (its own process: the registrar differs)."""
     async with Kamailio(tmp_path, USERS, **options) as kam:
         port = free_port()
@@ -45,6 +47,7 @@ async def pbx(tmp_path: Any, **options: Any) -> AsyncIterator[tuple[Kamailio, Ga
                 "uri": kam.registrar,
                 "domain": kam.realm,
                 "ring_timeout": RING_TIMEOUT,
+                **(registrar or {}),
             }
         }
         text = make_config(port, settings=settings) + PBX_RULE
@@ -175,6 +178,21 @@ async def test_wrong_password_fails_once_and_is_not_retried(tmp_path):
         assert attempts.count(200) == 0 and len(attempts) <= 3, attempts
         again = await client.request({"type": "register", "user": "1001", "password": "secret1"})
         assert again["type"] == "registered", again
+
+
+async def test_a_challenge_in_another_realm_gets_no_digest(tmp_path):
+    """The password is for ``registrar.realm`` only: Kamailio's 401 names its own
+    realm, so with another one configured the gateway must not answer it (with
+    pjsip's usual realm "*" it would send a digest of the password to anyone)."""
+    async with pbx(tmp_path, registrar={"realm": "elsewhere.example"}) as (kam, gw):
+        async with WebClient(gw.url) as client:
+            reply = await client.request(
+                {"type": "register", "user": "1001", "password": "secret1"}
+            )
+            assert (reply["type"], reply["code"]) == ("registration_failed", 401), reply
+        registers = [m for m in kam.log().messages if m.method == "REGISTER"]
+        assert registers, kam.log().describe()[-2000:]
+        assert not [m for m in registers if m.header("Authorization")], registers
 
 
 async def test_refresh_before_expiry_and_unregister_when_the_socket_closes(tmp_path):

@@ -742,8 +742,10 @@ class SipEngine:
         # not be tried again and again).
         config.regConfig.retryIntervalSec = 0
         config.regConfig.dropCallsOnFail = False
+        # Only the registrar's realm: with "*" pjsip would answer anyone's 401/407
+        # (a far end challenging our BYE) with a digest of the user's password.
         credentials = pj.AuthCredInfo(
-            "digest", "*", command.auth_user or command.user, 0, command.password
+            "digest", registrar.digest_realm, command.auth_user or command.user, 0, command.password
         )
         config.sipConfig.authCreds.append(credentials)
         account = _UserAccount(self, command.reg)
