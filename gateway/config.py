@@ -62,6 +62,15 @@ class HttpConfig:
     calls_per_minute_per_user: int = 30
     #: Calls one source address may start per minute (0: no limit).
     calls_per_minute_per_ip: int = 60
+    #: Serve HTTPS/WSS with this certificate chain and key (PEM files); both or neither.
+    tls_cert: str = ""
+    tls_key: str = ""
+    #: Reverse proxies (addresses or networks) whose ``X-Forwarded-For`` is believed.
+    trusted_proxies: tuple[str, ...] = ()
+    #: ``/metrics`` wants ``Authorization: Bearer <this>`` (empty: open, as /healthz).
+    metrics_token: str = field(default="", repr=False)
+    #: ...or the name of an environment variable holding it.
+    metrics_token_env: str = ""
 
     @property
     def loopback(self) -> bool:
@@ -92,6 +101,31 @@ class HttpConfig:
             "calls_per_minute_per_ip",
         ):
             _check_range(f"http.{key}", getattr(self, key), 0, 1000000)
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("config: http.tls_cert and http.tls_key go together: set both")
+        for key in ("tls_cert", "tls_key"):
+            path = getattr(self, key)
+            if path and not os.path.isfile(path):
+                raise ConfigError(f"config: http.{key} = {path!r}: no such file")
+        for i, proxy in enumerate(self.trusted_proxies):
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ConfigError(
+                    f"config: http.trusted_proxies[{i}] = {proxy!r} is not an address or network"
+                ) from None
+        if self.metrics_token_env and not os.environ.get(self.metrics_token_env):
+            raise ConfigError(
+                f"config: http.metrics_token_env = {self.metrics_token_env!r}: "
+                "that environment variable is not set"
+            )
+
+    @property
+    def metrics_secret(self) -> str:
+        """The bearer token ``/metrics`` asks for ("" when it is open)."""
+        if self.metrics_token_env:
+            return os.environ.get(self.metrics_token_env, "")
+        return self.metrics_token
 
 
 _ORIGIN = re.compile(

@@ -12,8 +12,10 @@ worker and targets processes are started by module path.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import signal
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
 from typing import Any
@@ -25,7 +27,7 @@ from gateway.config import Config
 from gateway.ipc import FromWorker, WorkerParams
 from gateway.outcomes import End, ending
 
-from .auth import ConnectionCounter, OriginPolicy, TokenVerifier, loopback_peer
+from .auth import ClientAddress, ConnectionCounter, OriginPolicy, TokenVerifier, loopback_peer
 from .calls import CallManager
 from .metrics import Metrics
 from .orphans import Orphans
@@ -66,13 +68,25 @@ async def serve(
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0)
     try:
         await runner.setup()
-        site = web.TCPSite(runner, config.http.host, config.http.port)
+        tls = tls_context(config)
+        site = web.TCPSite(runner, config.http.host, config.http.port, ssl_context=tls)
         await site.start()
         if on_listening is not None:
-            on_listening(f"http://{config.http.host}:{config.http.port}/")
+            scheme = "https" if tls is not None else "http"
+            on_listening(f"{scheme}://{config.http.host}:{config.http.port}/")
         await (shutdown_trigger or _signalled)()
     finally:
         await runner.cleanup()
+
+
+def tls_context(config: Config) -> ssl.SSLContext | None:
+    """The server's TLS context when ``http.tls_cert`` is set (HTTPS and WSS)."""
+    if not config.http.tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(config.http.tls_cert, config.http.tls_key)
+    return context
 
 
 async def _signalled() -> None:
@@ -113,6 +127,7 @@ def build_app(config: Config) -> web.Application:
         ),
         per_address=ConnectionCounter(config.http.max_connections_per_ip),
         max_messages_per_second=config.http.max_messages_per_second,
+        client_address=ClientAddress(config.http.trusted_proxies),
     )
     app.router.add_get("/", _demo_page)
     app.router.add_get("/ws", handler)
@@ -222,6 +237,11 @@ async def _demo_page(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
+    secret = request.app[CONFIG].http.metrics_secret
+    if secret:
+        given = request.headers.get(hdrs.AUTHORIZATION, "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {secret}".encode()):
+            raise web.HTTPUnauthorized(headers={"WWW-Authenticate": 'Bearer realm="metrics"'})
     body = request.app[METRICS].render()
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
 

@@ -292,3 +292,36 @@ def loopback_peer(remote: str | None) -> bool:
         return ipaddress.ip_address(remote).is_loopback
     except ValueError:
         return False
+
+
+class ClientAddress:
+    """The browser's address: the TCP peer, or what a trusted reverse proxy says.
+
+    ``X-Forwarded-For`` is read only when the peer is one of ``trusted``
+    (``http.trusted_proxies``); then the address is the right-most entry that is
+    not itself a trusted proxy (each proxy appends the address it saw, so the
+    entries to its left are the client's word and can be forged).
+    """
+
+    def __init__(self, trusted: Sequence[str]) -> None:
+        self._trusted = [ipaddress.ip_network(t, strict=False) for t in trusted]
+
+    def _is_trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in self._trusted)
+
+    def of(self, remote: str | None, forwarded_for: str | None) -> str:
+        peer = remote or ""
+        if not forwarded_for or not self._is_trusted(peer):
+            return peer
+        for entry in reversed([e.strip() for e in forwarded_for.split(",")]):
+            try:
+                ipaddress.ip_address(entry)
+            except ValueError:
+                return peer  # garbage in the header: trust nothing of it
+            if not self._is_trusted(entry):
+                return entry
+        return peer

@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -107,9 +108,13 @@ class Gateway:
     url: str
     process: subprocess.Popen[bytes]
     log: Path
+    #: For a gateway serving HTTPS (``url`` then starts with ``https://``).
+    ssl_context: ssl.SSLContext | None = None
 
     def health(self) -> dict[str, object]:
-        with urllib.request.urlopen(f"{self.url}/healthz", timeout=2) as response:
+        with urllib.request.urlopen(
+            f"{self.url}/healthz", timeout=2, context=self.ssl_context
+        ) as response:
             return dict(json.loads(response.read()))
 
     def pids(self, kind: str = "worker") -> list[int | None]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import fractions
 import json
+import ssl
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -118,8 +119,18 @@ class ClientCall:
 class WebClient:
     """One WebSocket connection to the gateway, with any number of calls."""
 
-    def __init__(self, base_url: str, autoping: bool = True, origin: str | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        autoping: bool = True,
+        origin: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
+        #: Trust for a gateway serving HTTPS/WSS; extra upgrade headers (X-Forwarded-For).
+        self.ssl_context = ssl_context
+        self.headers = headers or {}
         #: False: never answer the gateway's WebSocket pings (a silently dead client).
         self.autoping = autoping
         #: The ``Origin`` header to send, as a browser would (default: none, like aiohttp).
@@ -141,7 +152,11 @@ class WebClient:
     async def connect(self) -> None:
         self.session = aiohttp.ClientSession()
         self.ws = await self.session.ws_connect(
-            f"{self.base_url}/ws", autoping=self.autoping, origin=self.origin
+            f"{self.base_url}/ws",
+            autoping=self.autoping,
+            origin=self.origin,
+            ssl=self.ssl_context if self.ssl_context is not None else True,
+            headers=self.headers,
         )
         self._reader = asyncio.create_task(self._read())
 

@@ -287,3 +287,18 @@ def test_only_loopback_peers_count_as_local():
     assert not loopback_peer("")
     assert not loopback_peer(None)
     assert not loopback_peer("not an address")
+
+
+def test_client_address_believes_forwarded_for_only_from_trusted_proxies():
+    from gateway.front.auth import ClientAddress
+
+    none = ClientAddress([])
+    assert none.of("198.51.100.1", "203.0.113.5") == "198.51.100.1"
+    proxies = ClientAddress(["10.0.0.0/8", "192.0.2.1"])
+    assert proxies.of("198.51.100.1", "203.0.113.5") == "198.51.100.1"  # not a proxy
+    assert proxies.of("10.1.2.3", "203.0.113.5") == "203.0.113.5"
+    # The right-most entry that is not a proxy: the left ones are the client's word.
+    assert proxies.of("10.1.2.3", "6.6.6.6, 203.0.113.5, 192.0.2.1") == "203.0.113.5"
+    assert proxies.of("10.1.2.3", "203.0.113.5, junk") == "10.1.2.3"
+    assert proxies.of("10.1.2.3", "") == "10.1.2.3"
+    assert proxies.of("10.1.2.3", "10.9.9.9") == "10.1.2.3"  # only proxies: the peer

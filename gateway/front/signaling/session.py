@@ -30,7 +30,13 @@ from typing import Any
 from aiohttp import WSCloseCode, WSMsgType, hdrs, web
 
 from gateway.config import IceServer
-from gateway.front.auth import ConnectionCounter, OriginPolicy, TokenVerifier, Unauthorized
+from gateway.front.auth import (
+    ClientAddress,
+    ConnectionCounter,
+    OriginPolicy,
+    TokenVerifier,
+    Unauthorized,
+)
 from gateway.front.calls import (
     AlreadyEnding,
     CallManager,
@@ -583,6 +589,7 @@ def websocket_handler(
     origins: OriginPolicy | None = None,
     per_address: ConnectionCounter | None = None,
     max_messages_per_second: int = 0,
+    client_address: ClientAddress | None = None,
 ) -> Callable[[web.Request], Awaitable[web.WebSocketResponse]]:
     """Build the ``/ws`` handler for an app.
 
@@ -594,7 +601,11 @@ def websocket_handler(
     async def handle(request: web.Request) -> web.WebSocketResponse:
         app = request.app
         metrics = app[metrics_key]
-        peer = request.remote or ""
+        peer = (
+            client_address.of(request.remote, request.headers.get(hdrs.X_FORWARDED_FOR))
+            if client_address is not None
+            else request.remote or ""
+        )
         origin = request.headers.get(hdrs.ORIGIN)
         if origins is not None and not origins.allows(origin, request.headers.get(hdrs.HOST)):
             metrics.websockets_refused.labels("origin").inc()
