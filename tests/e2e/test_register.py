@@ -8,9 +8,10 @@ Everything goes through Kamailio the way it would through Asterisk.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -34,6 +35,31 @@ target = "sip:{number}@{registrar}"
 PHONE_HZ = 700
 BROWSER_HZ = 1000
 
+#: Every message the browser got in this module's tests, and the PBX's addresses.
+_SEEN: list[str] = []
+_PBX_ADDRESSES: set[str] = set()
+_close = WebClient.close
+
+
+async def _close_and_keep(self: WebClient) -> None:
+    _SEEN.extend(json.dumps(m) for m in self.messages)
+    await _close(self)
+
+
+@pytest.fixture(autouse=True)
+def no_secret_reaches_the_browser(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """After each test: no password, digest response, nonce or PBX address appeared
+    in any message to the browser (credentials never travel back; errors do not
+    quote the registrar's responses)."""
+    monkeypatch.setattr(WebClient, "close", _close_and_keep)
+    _SEEN.clear()
+    _PBX_ADDRESSES.clear()
+    yield
+    secrets = [*USERS.values(), "nonce", "Digest ", "response=", *_PBX_ADDRESSES]
+    leaks = [(secret, text[:200]) for text in _SEEN for secret in secrets if secret in text]
+    assert not leaks, leaks
+    assert _SEEN or not _PBX_ADDRESSES, "the scan saw no message"
+
 
 @asynccontextmanager
 async def pbx(
@@ -41,6 +67,7 @@ async def pbx(
 ) -> AsyncIterator[tuple[Kamailio, Gateway]]:
     """Kamailio, and a gateway registering to it (its own process: the registrar differs)."""
     async with Kamailio(tmp_path, USERS, **options) as kam:
+        _PBX_ADDRESSES.add(kam.registrar.split(":", 1)[1].split(";", 1)[0])
         port = free_port()
         settings = {
             "registrar": {
