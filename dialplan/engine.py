@@ -138,6 +138,7 @@ def route(
             code=None,
             reason=rule.reason,
             e164=placeholders.get("e164"),
+            headers=rule.headers,
         )
     return Route(
         action=Action.REJECT,

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from .engine import unsafe_uri_character, validate_number
+from .headers import MAX_HEADERS, header_problem
 from .model import DialplanError, InvalidNumber, MatchKind, Rule
 from .numbers import TYPES, Risk, is_region
 
@@ -27,6 +28,7 @@ KNOWN_KEYS = frozenset(
         "countries",
         "types",
         "allow",
+        "headers",
         "target",
         "reject",
         "reason",
@@ -140,7 +142,26 @@ def _load_rule(index: int, entry: object, variables: frozenset[str], region: str
         types=types,
         allow=allow,
         region=region if kind is MatchKind.E164 else "",
+        headers=_headers(entry, where),
     )
+
+
+def _headers(entry: Mapping[object, object], where: str) -> tuple[tuple[str, str], ...]:
+    """A rule's fixed headers: a table of names to string values."""
+    if "headers" not in entry:
+        return ()
+    value = entry["headers"]
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise DialplanError(f"{where}: key 'headers' must be a table of strings")
+    if len(value) > MAX_HEADERS:
+        raise DialplanError(f"{where}: key 'headers' has more than {MAX_HEADERS} headers")
+    for name, text in value.items():
+        problem = header_problem(name, text)
+        if problem is not None:
+            raise DialplanError(f"{where}: key 'headers': {problem}")
+    return tuple(value.items())
 
 
 def _names(

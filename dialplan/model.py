@@ -46,6 +46,8 @@ class Rule:
     allow: frozenset[str] = frozenset()
     #: E164 rules: the region a national number is dialled from (``dialplan.default_region``).
     region: str = ""
+    #: Fixed headers added to the INVITE (a P-Asserted-Identity, a trunk tag).
+    headers: tuple[tuple[str, str], ...] = ()
     compiled: re.Pattern[str] | None = field(default=None, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -82,6 +84,8 @@ class Route:
     reason: str
     #: The number in E.164 form, when an ``e164`` rule recognised it.
     e164: str | None = None
+    #: The rule's fixed headers for the INVITE.
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 class DialplanError(ValueError):

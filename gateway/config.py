@@ -204,6 +204,9 @@ class SipConfig:
     session_expires: int = 1800
     #: Smallest Session-Expires accepted (Min-SE); a 422 raises ours to the far end's.
     min_se: int = 90
+    #: Header names a browser's ``call`` may add to the INVITE (``"X-*"`` patterns,
+    #: case-insensitive). Empty: none. Core and identity headers never.
+    allowed_headers: tuple[str, ...] = ()
 
     def validate(self) -> None:
         _check_ip("sip.bind", self.bind)
@@ -232,6 +235,12 @@ class SipConfig:
                 f"{', '.join(SESSION_TIMER_MODES)}"
             )
         _check_range("sip.min_se", self.min_se, 90, 86400)
+        for i, pattern in enumerate(self.allowed_headers):
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]*\*?", pattern):
+                raise ConfigError(
+                    f"config: sip.allowed_headers[{i}] = {pattern!r}: a header name, "
+                    'or a prefix ending in * ("X-*")'
+                )
         _check_range("sip.session_expires", self.session_expires, self.min_se, 86400)
 
 

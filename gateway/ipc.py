@@ -99,6 +99,8 @@ class StartCall:
     #: Seconds the answered call may last (the token's ``max_duration``); 0: the
     #: worker's ``calls.max_duration`` alone. The smaller of the two applies.
     max_duration: float = 0.0
+    #: Extra headers for the INVITE: the dialplan rule's, then the browser's allowed ones.
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -167,6 +167,8 @@ class Refusal(Enum):
 
     #: ``to`` is not a valid number (empty, too long, bad character).
     BAD_NUMBER = RefusalRow("bad_request")
+    #: A header of the ``call`` is not on ``sip.allowed_headers`` (or the rule sets it).
+    BAD_HEADER = RefusalRow("bad_request")
     #: No dialplan rule matches ``to`` (default deny): no INVITE sent.
     NO_ROUTE = RefusalRow("forbidden")
     #: A dialplan ``reject`` rule matched: no INVITE sent.

@@ -196,6 +196,7 @@ async def _workers_and_calls(app: web.Application) -> AsyncIterator[None]:
             per_minute_per_user=config.http.calls_per_minute_per_user,
             per_minute_per_ip=config.http.calls_per_minute_per_ip,
         ),
+        allowed_headers=config.sip.allowed_headers,
     )
     app[POOL] = pool
     app[MANAGER] = manager

@@ -12,6 +12,7 @@ ends the calls concerned on both legs.
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import itertools
 import logging
 import re
@@ -22,6 +23,7 @@ from enum import Enum
 from typing import Any, Generic, Protocol, TypeVar, cast
 
 from dialplan import Action, InvalidNumber, Route, Rule, route
+from dialplan.headers import IDENTITY
 from gateway.ipc import (
     AcceptCall,
     CallAccepted,
@@ -265,8 +267,10 @@ class CallManager(Generic[W]):
         registrations: Registrations[Any] | None = None,
         wall_clock: Callable[[], float] = time.time,
         quotas: QuotaLimits | None = None,
+        allowed_headers: Sequence[str] = (),
     ) -> None:
         self._pool = pool
+        self._allowed_headers = tuple(allowed_headers)
         self.quotas = CallQuotas(quotas or QuotaLimits(), clock)
         self.registrations = registrations
         self._embedded = embedded
@@ -333,6 +337,7 @@ class CallManager(Generic[W]):
         request_id: str | None,
         grant: Grant | None = None,
         address: str = "",
+        headers: tuple[tuple[str, str], ...] = (),
     ) -> None:
         """Route and start a call, or raise :class:`~gateway.outcomes.Refused`.
 
@@ -341,7 +346,8 @@ class CallManager(Generic[W]):
         source ``address``'s quotas count across connections.
         """
         try:
-            self._place(owner, call_id, to, sdp, request_id, grant, address)
+            self._check_headers(headers)
+            self._place(owner, call_id, to, sdp, request_id, grant, address, headers)
         except Refused as refused:
             self._metrics.call_refused(refused.refusal)
             self._log_refusal(
@@ -363,6 +369,7 @@ class CallManager(Generic[W]):
         request_id: str | None,
         grant: Grant | None,
         address: str = "",
+        headers: tuple[tuple[str, str], ...] = (),
     ) -> None:
         if grant is not None and self._wall_clock() >= grant.expires:
             raise Refused(
@@ -396,7 +403,7 @@ class CallManager(Generic[W]):
         user = grant.user if grant is not None else None
         self.quotas.admit(user, address)
         try:
-            self._place_admitted(owner, owned, call_id, to, sdp, request_id, grant)
+            self._place_admitted(owner, owned, call_id, to, sdp, request_id, grant, headers)
         except BaseException:
             self.quotas.release(user, address)
             raise
@@ -413,6 +420,7 @@ class CallManager(Generic[W]):
         sdp: str,
         request_id: str | None,
         grant: Grant | None,
+        headers: tuple[tuple[str, str], ...] = (),
     ) -> None:
         key = next(self._keys)
         targets = self._embedded
@@ -424,7 +432,7 @@ class CallManager(Generic[W]):
         embedded = False
         try:
             embedded = self._start(
-                owner, owned, key, call_id, to, sdp, request_id, variables, grant
+                owner, owned, key, call_id, to, sdp, request_id, variables, grant, headers
             )
         finally:
             if targets is not None and not embedded:
@@ -441,9 +449,16 @@ class CallManager(Generic[W]):
         request_id: str | None,
         variables: Mapping[str, str],
         grant: Grant | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
     ) -> bool:
         """Route and hand the call to a worker; ``True`` if its URI is an embedded target."""
         decision = self._route("call", to, variables, grant)
+        ruled = {name.lower() for name, _ in decision.headers}
+        for name, _ in headers:
+            if name.lower() in ruled:
+                raise Refused(
+                    Refusal.BAD_HEADER, f"call: header {name} is set by the dialplan rule"
+                )
         assert decision.uri is not None
         account, only = 0, None
         registrar = variables.get("registrar")
@@ -457,7 +472,8 @@ class CallManager(Generic[W]):
         prefer = next((c.worker for c in owned.live.values()), None)
         worker = self._pool.acquire(key, only, prefer)
         max_duration = grant.max_duration or 0.0 if grant is not None else 0.0
-        if not self._pool.send(worker, StartCall(key, sdp, decision.uri, account, max_duration)):
+        start = StartCall(key, sdp, decision.uri, account, max_duration, decision.headers + headers)
+        if not self._pool.send(worker, start):
             self._pool.release(worker, key)
             raise Refused(Refusal.WORKER_UNREACHABLE, "the gateway worker is restarting")
         embedded = "embedded" in variables and f"@{variables['embedded']}" in decision.uri
@@ -471,6 +487,17 @@ class CallManager(Generic[W]):
         self._metrics.calls_active_by_worker.labels(str(worker.index)).inc()
         logger.info("call %s (%s) to %s on worker %s", key, call_id, decision.uri, worker.index)
         return embedded
+
+    def _check_headers(self, headers: tuple[tuple[str, str], ...]) -> None:
+        """Refuse a browser's header that ``sip.allowed_headers`` does not name."""
+        for name, _ in headers:
+            lower = name.lower()
+            if lower in IDENTITY or not any(
+                fnmatch.fnmatchcase(lower, pattern.lower()) for pattern in self._allowed_headers
+            ):
+                raise Refused(
+                    Refusal.BAD_HEADER, f"call: header {name} may not be set (sip.allowed_headers)"
+                )
 
     def _route(
         self, what: str, to: str, variables: Mapping[str, str], grant: Grant | None

@@ -125,6 +125,8 @@ class BridgedCall:
         self._uplink_seen = (-1, 0.0)  # (frames pushed, when that count was first seen)
         #: This call's own bound on its answered life (the token's ``max_duration``; 0: none).
         self.max_duration = 0.0
+        #: Extra headers for the INVITE (checked by the front).
+        self.headers: tuple[tuple[str, str], ...] = ()
         self._sip_released = True  # until an INVITE goes out
         #: An incoming call (the phone called a registered browser user).
         self._incoming = False
@@ -198,7 +200,12 @@ class BridgedCall:
         self._sip_released = False
         self._arm("invite", self._params.sip.invite_timeout, self._on_invite_timeout)
         self._engine.make_call(
-            self.key, self._uri, self._bridge.from_sip, self._bridge.to_sip, self._account
+            self.key,
+            self._uri,
+            self._bridge.from_sip,
+            self._bridge.to_sip,
+            self._account,
+            self.headers,
         )
         target = udp_target(self._uri)
         if target is not None:

@@ -163,6 +163,7 @@ class Worker:
         self._calls[message.key] = call
         self._idle.clear()
         call.max_duration = message.max_duration
+        call.headers = message.headers
         self._spawn(call.start(message.offer_sdp, message.uri, message.account))
 
     def _on_end_call(self, message: EndCall) -> None:

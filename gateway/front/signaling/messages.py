@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from dialplan.headers import MAX_HEADERS, header_problem
+
 PROTOCOL_VERSION = 1
 
 #: Error codes sent in ``error`` messages.
@@ -77,6 +79,9 @@ class Call:
     to: str
     sdp: str
     id: str | None = None
+    #: Extra SIP headers for the INVITE, checked here for syntax and by the call
+    #: manager against ``sip.allowed_headers``.
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -538,7 +543,34 @@ def _parse_call(data: dict[str, Any], request_id: str | None) -> Call:
             id=request_id,
             call=call,
         )
-    return Call(call=call, to=to, sdp=sdp, id=request_id)
+    return Call(call=call, to=to, sdp=sdp, id=request_id, headers=_headers(data, request_id, call))
+
+
+def _headers(
+    data: dict[str, Any], request_id: str | None, call: str
+) -> tuple[tuple[str, str], ...]:
+    value = data.get("headers")
+    if value is None:
+        return ()
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise ProtocolError(
+            "bad_request",
+            "call: field 'headers' must be an object of header names to strings",
+            id=request_id,
+            call=call,
+        )
+    if len(value) > MAX_HEADERS:
+        raise ProtocolError(
+            "bad_request",
+            f"call: at most {MAX_HEADERS} headers",
+            id=request_id,
+            call=call,
+        )
+    for name, text in value.items():
+        problem = header_problem(name, text)
+        if problem is not None:
+            raise ProtocolError("bad_request", f"call: {problem}", id=request_id, call=call)
+    return tuple(value.items())
 
 
 def _parse_hangup(data: dict[str, Any], request_id: str | None) -> Hangup:

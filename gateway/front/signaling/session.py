@@ -386,6 +386,7 @@ class Session:
                 request.id,
                 grant=self.grant,
                 address=self._peer,
+                headers=request.headers,
             )
         except Refused as refused:
             raise ProtocolError(

@@ -93,6 +93,7 @@ class _MakeCall:
     from_sip: FrameBuffer
     to_sip: FrameBuffer
     account: int = 0
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -576,13 +577,19 @@ class SipEngine:
             raise
 
     def make_call(
-        self, key: int, uri: str, from_sip: FrameBuffer, to_sip: FrameBuffer, account: int = 0
+        self,
+        key: int,
+        uri: str,
+        from_sip: FrameBuffer,
+        to_sip: FrameBuffer,
+        account: int = 0,
+        headers: tuple[tuple[str, str], ...] = (),
     ) -> None:
         """Queue an INVITE to ``uri``; its audio goes to ``from_sip``, comes from ``to_sip``.
 
         ``account``: a registration's account to call from (0: the worker's own).
         """
-        self._commands.put(_MakeCall(key, uri, from_sip, to_sip, account))
+        self._commands.put(_MakeCall(key, uri, from_sip, to_sip, account, headers))
 
     def hangup(self, key: int, code: int = 0) -> None:
         """Queue a CANCEL or BYE for call ``key`` (no-op when it is already over).
@@ -827,8 +834,14 @@ class SipEngine:
             call.disconnected = True
             self.emit(SipFailed(call.key, place_failed(0, "no free media port")))
             return
+        op = pj.CallOpParam(True)
+        for name, value in command.headers:
+            header = pj.SipHeader()
+            header.hName = name
+            header.hValue = value
+            op.txOption.headers.append(header)
         try:
-            call.makeCall(command.uri, pj.CallOpParam(True))
+            call.makeCall(command.uri, op)
         except pj.Error as exc:
             call.disconnected = True
             self.emit(SipFailed(call.key, place_failed(exc.status, exc.reason)))
