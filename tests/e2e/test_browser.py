@@ -249,3 +249,59 @@ async def test_browser_in_band_dtmf_reaches_the_phone_as_rfc4733(
             await hangup(page)
     finally:
         transport.close()
+
+
+TRICKLE_JS = """
+async (to) => {
+  const mic = await navigator.mediaDevices.getUserMedia({ audio: true });
+  const ws = new WebSocket(location.href.replace(/^http/, "ws").replace(/\\/[^/]*$/, "/ws"));
+  const events = [];
+  await new Promise((resolve, reject) => { ws.onopen = resolve; ws.onerror = reject; });
+  const pc = new RTCPeerConnection({ iceServers: [] });
+  mic.getTracks().forEach((t) => pc.addTrack(t, mic));
+  const remote = new Promise((resolve) => {
+    pc.ontrack = (e) => resolve(e.streams[0] || new MediaStream([e.track]));
+  });
+  const accepted = new Promise((resolve, reject) => {
+    ws.onmessage = async (e) => {
+      const msg = JSON.parse(e.data);
+      events.push(msg.type);
+      if (msg.type === "answer") await pc.setRemoteDescription({ type: "answer", sdp: msg.sdp });
+      if (msg.type === "accepted") resolve();
+      if (msg.type === "hangup" || msg.type === "error") reject(new Error(JSON.stringify(msg)));
+    };
+  });
+  let trickled = 0;
+  pc.onicecandidate = (e) => {
+    if (e.candidate) trickled++;
+    ws.send(JSON.stringify({ type: "candidate", call: "t1",
+                             candidate: e.candidate ? e.candidate.toJSON() : null }));
+  };
+  await pc.setLocalDescription(await pc.createOffer());
+  const offered = pc.localDescription.sdp;  // sent at once: no candidates in it yet
+  ws.send(JSON.stringify({ type: "call", call: "t1", to, sdp: offered }));
+  await accepted;
+  const stream = await remote;
+  window.sipgw.remoteStream = stream;
+  document.getElementById("remote").srcObject = stream;
+  window.trickleSocket = ws;
+  return { candidatesInOffer: (offered.match(/a=candidate:/g) || []).length, trickled, events };
+}
+"""
+
+
+async def test_browser_trickles_candidates_after_its_offer(browser: Any, gateway: Gateway) -> None:
+    """The offer goes out before any candidate is gathered; candidates follow one by
+    one, then the end marker (null). The call connects and echoes the microphone."""
+    page = await browser.new_page()
+    await page.goto(f"{gateway.url}/?ec=0")
+    result = await page.evaluate(TRICKLE_JS, "echo")
+    assert result["candidatesInOffer"] == 0, result
+    assert result["trickled"] >= 1, result
+    measured = await measure(page)
+    assert abs(measured["hz"] - MIC_HZ) <= TOLERANCE_HZ, measured
+    assert measured["rms"] > 0.02, measured
+    await page.evaluate(
+        "() => window.trickleSocket.send(JSON.stringify({type: 'hangup', call: 't1'}))"
+    )
+    await page.close()
