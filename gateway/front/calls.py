@@ -587,6 +587,15 @@ class CallManager(Generic[W]):
             raise NoTransferRequest(call_id)
         call.transfer_target = None
 
+    def _not_ending(self, owner: CallOwner, call_id: str) -> FrontCall[W]:
+        owned = self._owners.get(owner)
+        call = owned.live.get(call_id) if owned else None
+        if call is None:
+            raise UnknownCall(call_id)
+        if call.state is CallState.ENDING:
+            raise AlreadyEnding(call_id)
+        return call
+
     def _connected(self, owner: CallOwner, call_id: str) -> FrontCall[W]:
         owned = self._owners.get(owner)
         call = owned.live.get(call_id) if owned else None
@@ -608,12 +617,7 @@ class CallManager(Generic[W]):
 
         Raises :class:`UnknownCall` or :class:`AlreadyEnding`.
         """
-        owned = self._owners.get(owner)
-        call = owned.live.get(call_id) if owned else None
-        if call is None:
-            raise UnknownCall(call_id)
-        if call.state is CallState.ENDING:
-            raise AlreadyEnding(call_id)
+        call = self._not_ending(owner, call_id)
         self._pool.send(call.worker, AddCandidate(call.key, candidate, mid, mline_index))
 
     def hangup(self, owner: CallOwner, call_id: str, request_id: str | None) -> None:
@@ -621,12 +625,7 @@ class CallManager(Generic[W]):
 
         Raises :class:`UnknownCall` or :class:`AlreadyEnding`.
         """
-        owned = self._owners.get(owner)
-        call = owned.live.get(call_id) if owned else None
-        if call is None:
-            raise UnknownCall(call_id)
-        if call.state is CallState.ENDING:
-            raise AlreadyEnding(call_id)
+        call = self._not_ending(owner, call_id)
         call.state = CallState.ENDING
         call.hangup_request_id = request_id
         self._pool.send(call.worker, EndCall(call.key))
@@ -644,12 +643,7 @@ class CallManager(Generic[W]):
 
         Raises :class:`UnknownCall` or :class:`NotAnswered`.
         """
-        owned = self._owners.get(owner)
-        call = owned.live.get(call_id) if owned else None
-        if call is None:
-            raise UnknownCall(call_id)
-        if call.state is not CallState.CONNECTED:
-            raise NotAnswered(call_id)
+        call = self._connected(owner, call_id)
         self._pool.send(call.worker, ControlCall(call.key, action, digits, method, request_id))
 
     def disconnect(self, owner: CallOwner) -> None:

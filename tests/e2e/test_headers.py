@@ -11,10 +11,9 @@ from __future__ import annotations
 import re
 
 import pytest
-from aiortc import RTCConfiguration, RTCPeerConnection
 from peers.gateway import free_port, make_config, start_gateway, stop_gateway
 from peers.sipp import SippPhone
-from peers.webclient import ToneTrack, WebClient
+from peers.webclient import WebClient, offer_sdp
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -45,22 +44,13 @@ async def trunk_and_gateway(tmp_path):
             stop_gateway(gw)
 
 
-async def offer() -> str:
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    pc.addTrack(ToneTrack(440))
-    await pc.setLocalDescription(await pc.createOffer())
-    sdp = str(pc.localDescription.sdp)
-    await pc.close()
-    return sdp
-
-
 def invites(raw: str) -> list[str]:
     return re.findall(r"^INVITE sip:.*?(?=\r?\n\r?\n)", raw, re.M | re.S)
 
 
 async def test_rule_and_allowed_browser_headers_reach_the_invite(trunk_and_gateway):
     trunk, gw = trunk_and_gateway
-    sdp = await offer()
+    sdp = await offer_sdp()
     async with WebClient(gw.url) as client:
         bad = [
             {"X-Ticket": "1\r\nVia: evil"},

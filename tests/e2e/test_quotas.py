@@ -15,11 +15,10 @@ from typing import Any
 
 import jwt
 import pytest
-from aiortc import RTCConfiguration, RTCPeerConnection
 from peers.census import census
 from peers.gateway import free_port, make_config, start_gateway, stop_gateway
 from peers.sipp import SippPhone
-from peers.webclient import ToneTrack, WebClient
+from peers.webclient import WebClient, offer_sdp
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -66,17 +65,6 @@ async def connect(gw, sub: str) -> WebClient:
     welcome = await client.request({"type": "hello", "token": token(sub)})
     assert welcome["type"] == "welcome", welcome
     return client
-
-
-async def offer_sdp() -> str:
-    """One real offer, reused for every call: with invite_after_ice off, the INVITE
-    leaves as soon as the gateway has answered it, and the phones need no media."""
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    pc.addTrack(ToneTrack(440))
-    await pc.setLocalDescription(await pc.createOffer())
-    sdp = str(pc.localDescription.sdp)
-    await pc.close()
-    return sdp
 
 
 async def call(client: WebClient, call_id: str, to: str, sdp: str) -> dict[str, Any]:

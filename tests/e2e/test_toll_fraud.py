@@ -14,10 +14,9 @@ import re
 from collections.abc import Iterator
 
 import pytest
-from aiortc import RTCConfiguration, RTCPeerConnection
 from peers.gateway import free_port, make_config, start_gateway, stop_gateway
 from peers.sipp import SippPhone
-from peers.webclient import ToneTrack, WebClient
+from peers.webclient import WebClient, offer_sdp
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -145,15 +144,6 @@ async def trunk_and_gateway(tmp_path):
             yield trunk, gw
         finally:
             stop_gateway(gw)
-
-
-async def offer_sdp() -> str:
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    pc.addTrack(ToneTrack(440))
-    await pc.setLocalDescription(await pc.createOffer())
-    sdp = pc.localDescription.sdp
-    await pc.close()
-    return sdp
 
 
 async def test_exactly_the_allowed_destinations_reach_the_trunk(trunk_and_gateway):

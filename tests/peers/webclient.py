@@ -116,6 +116,18 @@ class ClientCall:
             await asyncio.sleep(0.25)
 
 
+async def offer_sdp(hz: float = 440.0) -> str:
+    """One real aiortc offer as text, for tests that send many ``call`` requests
+    without media (the gateway answers each; ``calls.invite_after_ice = false``
+    sends the INVITE without waiting for ICE)."""
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTrack(ToneTrack(hz))
+    await pc.setLocalDescription(await pc.createOffer())
+    sdp = str(pc.localDescription.sdp)
+    await pc.close()
+    return sdp
+
+
 class WebClient:
     """One WebSocket connection to the gateway, with any number of calls."""
 
