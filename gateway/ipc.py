@@ -130,17 +130,6 @@ class ControlCall:
 
 
 @dataclass(frozen=True)
-class AddCandidate:
-    """A trickled ICE candidate of the browser for call ``key`` (``candidate`` as in
-    SDP without ``a=``, e.g. ``candidate:1 1 udp ...``); ``""``: end of candidates."""
-
-    key: int
-    candidate: str
-    mid: str | None = None
-    mline_index: int | None = None
-
-
-@dataclass(frozen=True)
 class Register:
     """Register ``user`` to the configured registrar as account ``reg``.
 
@@ -372,7 +361,6 @@ ToWorker = (
     StartCall
     | EndCall
     | ControlCall
-    | AddCandidate
     | Register
     | Unregister
     | AcceptCall

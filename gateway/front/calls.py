@@ -26,7 +26,6 @@ from dialplan import Action, InvalidNumber, Route, Rule, route
 from dialplan.headers import IDENTITY
 from gateway.ipc import (
     AcceptCall,
-    AddCandidate,
     CallAccepted,
     CallAnswer,
     CallControlFailed,
@@ -604,21 +603,6 @@ class CallManager(Generic[W]):
         if call.state is not CallState.CONNECTED:
             raise NotAnswered(call_id)
         return call
-
-    def add_candidate(
-        self,
-        owner: CallOwner,
-        call_id: str,
-        candidate: str,
-        mid: str | None,
-        mline_index: int | None,
-    ) -> None:
-        """Pass a trickled ICE candidate of a live call to its worker.
-
-        Raises :class:`UnknownCall` or :class:`AlreadyEnding`.
-        """
-        call = self._not_ending(owner, call_id)
-        self._pool.send(call.worker, AddCandidate(call.key, candidate, mid, mline_index))
 
     def hangup(self, owner: CallOwner, call_id: str, request_id: str | None) -> None:
         """Hang up a live call of ``owner`` (CANCEL or BYE).

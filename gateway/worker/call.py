@@ -310,11 +310,6 @@ class BridgedCall:
         if placed:
             self._engine.hangup(self.key, _final_code(result) if self._incoming else 0)
 
-    def add_candidate(self, candidate: str, mid: str | None, mline_index: int | None) -> None:
-        """A candidate the browser trickled after its offer ("" ends them)."""
-        if self._webrtc is not None and self.state not in (State.ENDED, State.RELEASED):
-            self._webrtc.add_candidate(candidate, mid, mline_index)
-
     def control(self, request: ControlCall) -> None:
         """A browser's in-call request: hold, unhold, DTMF digits or a transfer."""
         if self.state is not State.ANSWERED:

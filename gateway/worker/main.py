@@ -23,7 +23,6 @@ from typing import Any
 from gateway.census import process_census
 from gateway.ipc import (
     AcceptCall,
-    AddCandidate,
     CallReleased,
     Census,
     CensusReport,
@@ -101,7 +100,6 @@ class Worker:
             StartCall: self._on_start_call,
             EndCall: self._on_end_call,
             ControlCall: self._on_control_call,
-            AddCandidate: self._on_add_candidate,
             Register: self._on_register,
             Unregister: self._on_unregister,
             AcceptCall: self._on_accept_call,
@@ -172,11 +170,6 @@ class Worker:
         call = self._calls.get(message.key)
         if call is not None:
             call.hangup(message.ending)
-
-    def _on_add_candidate(self, message: AddCandidate) -> None:
-        call = self._calls.get(message.key)
-        if call is not None:
-            call.add_candidate(message.candidate, message.mid, message.mline_index)
 
     def _on_control_call(self, message: ControlCall) -> None:
         call = self._calls.get(message.key)

@@ -255,23 +255,3 @@ def test_any_request_shaped_object_parses_or_gives_a_protocol_error(kind, fields
         assert exc.code == "bad_request" and "\n" not in exc.message, exc.message
         return
     assert type(request).__name__.lower().replace("_", "").startswith(kind.replace("_", "")[:4])
-
-
-def test_parse_trickled_candidates():
-    from gateway.front.signaling.messages import Candidate
-
-    line = "candidate:842163049 1 udp 1677729535 127.0.0.1 46154 typ host generation 0"
-    raw = {"type": "candidate", "call": "c1", "candidate": {"candidate": line, "sdpMid": "0"}}
-    assert parse(json.dumps(raw)) == Candidate("c1", line, "0", None)
-    assert parse('{"type":"candidate","call":"c1","candidate":null}') == Candidate("c1", "")
-    empty = '{"type":"candidate","call":"c1","candidate":{"candidate":"","sdpMLineIndex":0}}'
-    assert parse(empty) == Candidate("c1", "", None, 0)
-    for bad in (
-        {"candidate": "a=candidate:1 1 udp 1 1.2.3.4 5 typ host"},
-        {"candidate": line + "\r\na=x"},
-        {"candidate": line, "sdpMid": "0\n"},
-        {"candidate": line, "sdpMLineIndex": 99},
-        {"candidate": 5},
-    ):
-        with pytest.raises(ProtocolError):
-            parse(json.dumps({"type": "candidate", "call": "c1", "candidate": bad}))

@@ -168,17 +168,6 @@ class TransferAccept:
 
 
 @dataclass(frozen=True)
-class Candidate:
-    """A trickled ICE candidate for ``call``; ``candidate == ""`` ends them."""
-
-    call: str
-    candidate: str
-    sdp_mid: str | None = None
-    sdp_mline_index: int | None = None
-    id: str | None = None
-
-
-@dataclass(frozen=True)
 class TransferReject:
     call: str
     id: str | None = None
@@ -199,7 +188,6 @@ Request = (
     | Transfer
     | TransferAccept
     | TransferReject
-    | Candidate
 )
 
 
@@ -751,49 +739,6 @@ def _parse_transfer_accept(data: dict[str, Any], request_id: str | None) -> Tran
     return TransferAccept(call, new_call, _sdp(data, request_id, call), request_id)
 
 
-#: An ICE candidate line as browsers send it (RFC 8839 ``candidate-attribute``).
-_CANDIDATE = re.compile(r"candidate:[\x21-\x7e]{1,32}( [\x21-\x7e]{1,255}){5,40}")
-_MID = re.compile(r"[A-Za-z0-9_.-]{1,32}")
-
-
-def _parse_candidate(data: dict[str, Any], request_id: str | None) -> Candidate:
-    call = _call_id(data, request_id)
-    value = data.get("candidate")
-    if value is None:
-        return Candidate(call, "", id=request_id)
-    if not isinstance(value, dict):
-        raise ProtocolError(
-            "bad_request",
-            "candidate: field 'candidate' must be an object (an RTCIceCandidate) or null",
-            id=request_id,
-            call=call,
-        )
-    line = value.get("candidate", "")
-    mid = value.get("sdpMid")
-    index = value.get("sdpMLineIndex")
-    if not isinstance(line, str) or (line and not _CANDIDATE.fullmatch(line)):
-        raise ProtocolError(
-            "bad_request",
-            "candidate: 'candidate.candidate' is not an ICE candidate line",
-            id=request_id,
-            call=call,
-        )
-    if mid is not None and (not isinstance(mid, str) or not _MID.fullmatch(mid)):
-        raise ProtocolError(
-            "bad_request", "candidate: 'sdpMid' must be a short media id", id=request_id, call=call
-        )
-    if index is not None and (
-        isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= 15
-    ):
-        raise ProtocolError(
-            "bad_request",
-            "candidate: 'sdpMLineIndex' must be an integer from 0 to 15",
-            id=request_id,
-            call=call,
-        )
-    return Candidate(call, line, mid, index, request_id)
-
-
 def _parse_transfer_reject(data: dict[str, Any], request_id: str | None) -> TransferReject:
     return TransferReject(_call_id(data, request_id), request_id)
 
@@ -818,5 +763,4 @@ _PARSERS: dict[str, Callable[[dict[str, Any], str | None], Request]] = {
     "transfer": _parse_transfer,
     "transfer_accept": _parse_transfer_accept,
     "transfer_reject": _parse_transfer_reject,
-    "candidate": _parse_candidate,
 }

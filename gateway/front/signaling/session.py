@@ -57,7 +57,6 @@ from .messages import (
     Accepted,
     Answer,
     Call,
-    Candidate,
     Dtmf,
     DtmfEvent,
     Error,
@@ -176,7 +175,6 @@ class Session:
             Transfer: self._on_transfer,
             TransferAccept: self._on_transfer_accept,
             TransferReject: self._on_transfer_reject,
-            Candidate: self._on_candidate,
         }
 
     def send(self, event: Event) -> None:
@@ -449,12 +447,6 @@ class Session:
 
     def _on_unhold(self, request: Unhold) -> None:
         self._control("unhold", request.call, request.id)
-
-    def _on_candidate(self, request: Candidate) -> None:
-        with _call_errors("candidate", request.call, request.id, "is ending"):
-            self._manager.add_candidate(
-                self, request.call, request.candidate, request.sdp_mid, request.sdp_mline_index
-            )
 
     def _on_transfer(self, request: Transfer) -> None:
         with _call_errors("transfer", request.call, request.id, "is not answered (or is ending)"):

@@ -15,7 +15,6 @@ from typing import Any
 
 from aiortc import (
     RTCConfiguration,
-    RTCIceCandidate,
     RTCIceServer,
     RTCIceTransport,
     RTCPeerConnection,
@@ -25,7 +24,7 @@ from aiortc import (
 )
 from aiortc.exceptions import OperationError
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
-from aiortc.sdp import MediaDescription, SessionDescription, candidate_from_sdp
+from aiortc.sdp import MediaDescription, SessionDescription
 
 from gateway.config import IceServer
 
@@ -135,10 +134,6 @@ class WebRtcLeg:
         self._loopback_only = loopback_only
         self._on_digit = on_digit
         self._digits: dtmf.DigitReceiver | None = None
-        #: Trickled candidates that came before the offer was applied, in order.
-        self._early_candidates: list[RTCIceCandidate | None] = []
-        self._remote_applied = False
-        self._trickle_tasks: set[asyncio.Task[None]] = set()
         loop = asyncio.get_running_loop()
         self._remote_track: asyncio.Future[MediaStreamTrack] = loop.create_future()
         self._connected: asyncio.Future[None] = loop.create_future()
@@ -197,10 +192,6 @@ class WebRtcLeg:
         except Exception as exc:
             logger.debug("offer rejected by aiortc: %r", exc)
             raise BadOffer("offer rejected: the WebRTC stack cannot apply this SDP") from None
-        self._remote_applied = True
-        for early in self._early_candidates:
-            await self._add(early)
-        self._early_candidates.clear()
         audio = None
         for transceiver in self.pc.getTransceivers():
             if transceiver.kind == "audio" and audio is None:
@@ -242,44 +233,10 @@ class WebRtcLeg:
             logger.debug("answer rejected by aiortc: %r", exc)
             raise BadOffer("answer rejected: the WebRTC stack cannot apply this SDP") from None
         self.codec = negotiated_codec(answer_sdp)
-        self._remote_applied = True
-        for early in self._early_candidates:
-            await self._add(early)
-        self._early_candidates.clear()
         for transceiver in self.pc.getTransceivers():
             if transceiver.kind == "audio":
                 self._listen_for_digits(transceiver.receiver, answer_sdp)
                 break
-
-    def add_candidate(self, candidate: str, mid: str | None, mline_index: int | None) -> None:
-        """Add a trickled remote candidate (``""``: end of candidates), now or once the
-        offer is applied. One that cannot be parsed is dropped (the front checked its
-        syntax; aiortc may still find it unusable)."""
-        parsed: RTCIceCandidate | None = None
-        if candidate:
-            try:
-                parsed = candidate_from_sdp(candidate.removeprefix("candidate:"))
-            except (ValueError, IndexError):
-                logger.debug("unusable trickled candidate dropped")
-                return
-            if self._loopback_only and not _loopback(parsed.ip):
-                return
-            parsed.sdpMid = mid
-            parsed.sdpMLineIndex = mline_index if mline_index is not None else 0
-        if not self._remote_applied:
-            self._early_candidates.append(parsed)
-            return
-        task = asyncio.create_task(self._add(parsed))
-        self._trickle_tasks.add(task)
-        task.add_done_callback(self._trickle_tasks.discard)
-
-    async def _add(self, candidate: RTCIceCandidate | None) -> None:
-        if self._closing:
-            return
-        try:
-            await self.pc.addIceCandidate(candidate)
-        except Exception as exc:  # a candidate aiortc cannot use must not end the call
-            logger.debug("trickled candidate refused by aiortc: %r", exc)
 
     async def remote_audio(self) -> MediaStreamTrack:
         """The browser's audio track (known once the offer is applied)."""
@@ -295,8 +252,6 @@ class WebRtcLeg:
         answer left a socket in 15 of 48 tries).
         """
         self._closing = True
-        for task in self._trickle_tasks:
-            task.cancel()
         if not self._connected.done():
             self._connected.set_exception(ConnectionError("closed"))
             self._connected.exception()
@@ -362,15 +317,6 @@ def negotiated_codec(sdp: str) -> str:
             codec = media.rtp.codecs[0]
             return f"{codec.mimeType.split('/', 1)[1]}/{codec.clockRate}"
     return ""
-
-
-def _loopback(address: str) -> bool:
-    import ipaddress
-
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:  # an mDNS .local name
-        return False
 
 
 def loopback_candidates_only(sdp: str) -> str:
