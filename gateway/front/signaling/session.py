@@ -43,6 +43,7 @@ from .messages import (
     Accepted,
     Answer,
     Call,
+    Candidate,
     Dtmf,
     DtmfEvent,
     Error,
@@ -153,6 +154,7 @@ class Session:
             Unregister: self._on_unregister,
             Accept: self._on_accept,
             Reject: self._on_reject,
+            Candidate: self._on_candidate,
         }
 
     def send(self, event: Event) -> None:
@@ -405,6 +407,17 @@ class Session:
                 self._manager.accept(self, call_id, sdp, request_id)
             else:
                 self._manager.reject(self, call_id, code, request_id)
+
+    def _on_candidate(self, request: Candidate) -> None:
+        with _call_errors("candidate", request.call, request.id, "is ending"):
+            self._manager.candidate(
+                self,
+                request.call,
+                request.candidate,
+                request.sdp_mid,
+                request.sdp_mline_index,
+                request.id,
+            )
 
     def _on_dtmf(self, request: Dtmf) -> None:
         self._control("dtmf", request.call, request.id, request.digits, request.method)
