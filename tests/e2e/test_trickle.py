@@ -35,13 +35,16 @@ async ({to, extra}) => {
   ws.onmessage = (e) => {
     const m = JSON.parse(e.data);
     inbox.push(m);
-    for (const w of [...waiters]) if (w.test(m)) { waiters.splice(waiters.indexOf(w), 1); w.resolve(m); }
+    for (const w of [...waiters]) {
+      if (w.test(m)) { waiters.splice(waiters.indexOf(w), 1); w.resolve(m); }
+    }
   };
   const next = (test, ms = 15000) => new Promise((resolve, reject) => {
     const found = inbox.find(test);
     if (found) return resolve(found);
     waiters.push({ test, resolve });
-    setTimeout(() => reject(new Error("timeout; got " + JSON.stringify(inbox.map(m => m.type)))), ms);
+    const got = () => JSON.stringify(inbox.map((m) => m.type));
+    setTimeout(() => reject(new Error("timeout; got " + got())), ms);
   });
   await new Promise((r) => (ws.onopen = r));
   ws.send(JSON.stringify({ type: "hello" }));
@@ -49,7 +52,9 @@ async ({to, extra}) => {
   const pc = new RTCPeerConnection({ iceServers: welcome.ice_servers });
   const mic = await navigator.mediaDevices.getUserMedia({ audio: true });
   for (const t of mic.getTracks()) pc.addTrack(t, mic);
-  const remote = new Promise((r) => (pc.ontrack = (e) => r(e.streams[0] || new MediaStream([e.track]))));
+  const remote = new Promise((r) => {
+    pc.ontrack = (e) => r(e.streams[0] || new MediaStream([e.track]));
+  });
   const sent = [];
   const early = [];
   let calling = false;
@@ -104,8 +109,8 @@ async ({to, extra}) => {
   ws.send(JSON.stringify({ type: "hangup", call: "t1" }));
   const hangup = await next((m) => m.type === "hangup");
   // A candidate for a call that is gone: not_found.
-  ws.send(JSON.stringify({ type: "candidate", call: "t1", id: "late",
-                           candidate: { candidate: sent.find(Boolean)?.candidate || "", sdpMid: "0" } }));
+  const stale = { candidate: sent.find(Boolean)?.candidate || "", sdpMid: "0" };
+  ws.send(JSON.stringify({ type: "candidate", call: "t1", id: "late", candidate: stale }));
   const late = await next((m) => m.type === "error" && m.id === "late");
   await ctx.close();
   pc.close();
