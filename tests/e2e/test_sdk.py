@@ -108,3 +108,31 @@ async def test_sdk_and_favicon_are_served_with_types_and_cache_headers(gateway: 
             raise AssertionError("no 304 for a matching ETag")
         except urllib.error.HTTPError as exc:
             assert exc.code == 304
+
+
+async def test_console_page_enter_twice_places_one_call(
+    chromium: Any,  # noqa: F811
+    gateway: Gateway,
+) -> None:
+    """Enter pressed twice used to start two calls, one of which could never be hung up."""
+    page = await chromium.new_page()
+    try:
+        await page.goto(f"{gateway.url}/?ec=0")
+        await page.fill("#number", "echo")
+        await page.press("#number", "Enter")
+        await page.press("#number", "Enter")
+        await page.wait_for_function("() => window.sipgw.state === 'connected'", timeout=20_000)
+        ice = await page.evaluate("() => window.sipgw.pc.connectionState")
+        assert ice == "connected"  # connected is shown only once media is up
+        await page.evaluate("() => window.sipgw.hangup()")
+        await page.wait_for_function("() => window.sipgw.state.startsWith('ended')")
+        events = await page.evaluate("() => window.sipgw.events.map(e => e.type)")
+        assert events.count("answer") == 1, events
+        assert "error" not in events, events
+        audio = await page.evaluate(
+            "() => ({paused: document.getElementById('remote').paused,"
+            " src: document.getElementById('remote').srcObject})"
+        )
+        assert audio == {"paused": True, "src": None}, audio
+    finally:
+        await page.close()
