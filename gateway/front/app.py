@@ -116,6 +116,8 @@ def build_app(config: Config) -> web.Application:
     )
     app.router.add_get("/", _demo_page)
     app.router.add_get("/sipgw.js", _static("sipgw.js", "text/javascript"))
+    app.router.add_get("/widget.js", _static("widget.js", "text/javascript"))
+    app.router.add_get("/demo/widget", _static("demo-widget.html", "text/html"))
     app.router.add_get("/favicon.ico", _static("favicon.svg", "image/svg+xml"))
     app.router.add_get("/ws", handler)
     app.router.add_get("/metrics", _metrics)
