@@ -9,6 +9,7 @@ browser's ICE/DTLS is up) and measures the remote stream with WebAudio:
 from __future__ import annotations
 
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,9 @@ from test_browser import MIC_HZ, TOLERANCE_HZ
 from test_trickle import chromium  # noqa: F401  (the module's shared browser)
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.asyncio(loop_scope="module")]
+
+#: Named in the README; refreshed by these tests.
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 
 SDK_CALL_JS = """
 async ({to, trickle}) => {
@@ -122,6 +126,7 @@ async def test_console_page_enter_twice_places_one_call(
         await page.press("#number", "Enter")
         await page.press("#number", "Enter")
         await page.wait_for_function("() => window.sipgw.state === 'connected'", timeout=20_000)
+        await page.screenshot(path=SCREENSHOTS / "console-in-call.png")
         ice = await page.evaluate("() => window.sipgw.pc.connectionState")
         assert ice == "connected"  # connected is shown only once media is up
         await page.evaluate("() => window.sipgw.hangup()")
@@ -158,6 +163,7 @@ async def test_widget_calls_in_one_click_without_touching_the_host_styles(
             timeout=20_000,
         )
         assert await page.evaluate(styles) == before
+        await page.screenshot(path=SCREENSHOTS / "widget.png")
         await page.click("sipgw-call >> text=Hang up")
         await page.wait_for_function(
             "() => document.querySelector('sipgw-call').dataset.state.startsWith('ended')",
