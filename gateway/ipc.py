@@ -130,6 +130,20 @@ class ControlCall:
 
 
 @dataclass(frozen=True)
+class AddCandidate:
+    """A trickled ICE candidate of the browser for call ``key``; ``None``: end of candidates.
+
+    ``candidate`` is the ``candidate:...`` attribute value (without ``a=``).
+    """
+
+    key: int
+    candidate: str | None
+    sdp_mid: str | None = None
+    sdp_mline_index: int | None = None
+    request_id: str | None = None
+
+
+@dataclass(frozen=True)
 class Register:
     """Register ``user`` to the configured registrar as account ``reg``.
 
@@ -361,6 +375,7 @@ ToWorker = (
     StartCall
     | EndCall
     | ControlCall
+    | AddCandidate
     | Register
     | Unregister
     | AcceptCall

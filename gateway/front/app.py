@@ -12,6 +12,7 @@ worker and targets processes are started by module path.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import logging
 import signal
@@ -130,6 +131,10 @@ def build_app(config: Config) -> web.Application:
         client_address=ClientAddress(config.http.trusted_proxies),
     )
     app.router.add_get("/", _demo_page)
+    app.router.add_get("/sipgw.js", _static("sipgw.js", "text/javascript"))
+    app.router.add_get("/widget.js", _static("widget.js", "text/javascript"))
+    app.router.add_get("/demo/widget", _static("demo-widget.html", "text/html"))
+    app.router.add_get("/favicon.ico", _static("favicon.svg", "image/svg+xml"))
     app.router.add_get("/ws", handler)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", _health)
@@ -235,6 +240,21 @@ async def _say_less(request: web.Request, response: web.StreamResponse) -> None:
 async def _demo_page(request: web.Request) -> web.Response:
     page = resources.files("gateway").joinpath("static/index.html").read_text(encoding="utf-8")
     return web.Response(text=page, content_type="text/html")
+
+
+def _static(name: str, content_type: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """A packaged static file, revalidated by ETag (it changes with each release)."""
+    body = resources.files("gateway").joinpath(f"static/{name}").read_bytes()
+    etag = '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
+
+    async def handler(request: web.Request) -> web.Response:
+        headers = {"Cache-Control": "no-cache", "ETag": etag, "X-Content-Type-Options": "nosniff"}
+        if request.headers.get(hdrs.IF_NONE_MATCH) == etag:
+            return web.Response(status=304, headers=headers)
+        charset = "utf-8" if content_type.startswith("text/") else None
+        return web.Response(body=body, content_type=content_type, charset=charset, headers=headers)
+
+    return handler
 
 
 async def _metrics(request: web.Request) -> web.Response:

@@ -26,6 +26,7 @@ from dialplan import Action, InvalidNumber, Route, Rule, route
 from dialplan.headers import IDENTITY
 from gateway.ipc import (
     AcceptCall,
+    AddCandidate,
     CallAccepted,
     CallAnswer,
     CallControlFailed,
@@ -629,6 +630,26 @@ class CallManager(Generic[W]):
         """
         call = self._connected(owner, call_id)
         self._pool.send(call.worker, ControlCall(call.key, action, digits, method, request_id))
+
+    def candidate(
+        self,
+        owner: CallOwner,
+        call_id: str,
+        candidate: str | None,
+        sdp_mid: str | None,
+        sdp_mline_index: int | None,
+        request_id: str | None,
+    ) -> None:
+        """Pass a trickled ICE candidate of the browser to the call's worker.
+
+        Raises :class:`UnknownCall`; one for a call already ending is dropped.
+        """
+        call = self._live_call(owner, call_id)
+        if call.state is CallState.ENDING:
+            return
+        self._pool.send(
+            call.worker, AddCandidate(call.key, candidate, sdp_mid, sdp_mline_index, request_id)
+        )
 
     def disconnect(self, owner: CallOwner) -> None:
         """The owner's connection closed: end all its calls; nobody hears the events."""

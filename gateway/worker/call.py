@@ -19,6 +19,7 @@ from enum import Enum
 from typing import Any
 
 from gateway.ipc import (
+    AddCandidate,
     CallAccepted,
     CallAnswer,
     CallControlFailed,
@@ -326,6 +327,37 @@ class BridgedCall:
             self._engine.transfer(self.key, request.uri, request.replaces)
         else:
             self._engine.hold(self.key, request.action == "hold")
+
+    def add_candidate(self, request: AddCandidate) -> None:
+        """A trickled ICE candidate of the browser (outgoing calls and accepted incoming ones)."""
+        leg = self._webrtc
+        if leg is None:
+            self._send(
+                CallControlFailed(
+                    self.key,
+                    "wrong_state",
+                    "candidate: the call has no WebRTC leg yet",
+                    request.request_id,
+                )
+            )
+            return
+        self._spawn(self._add_candidate(leg, request))
+
+    async def _add_candidate(self, leg: WebRtcLeg, request: AddCandidate) -> None:
+        try:
+            await leg.add_candidate(request.candidate, request.sdp_mid, request.sdp_mline_index)
+        except BadOffer as exc:
+            self._send(CallControlFailed(self.key, "bad_request", str(exc), request.request_id))
+        except Exception:
+            logger.exception("call %s: adding a trickled candidate failed", self.key)
+            self._send(
+                CallControlFailed(
+                    self.key,
+                    "bad_request",
+                    "candidate: the ICE agent refused it",
+                    request.request_id,
+                )
+            )
 
     # --- timers -------------------------------------------------------------------
 

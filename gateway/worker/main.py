@@ -23,6 +23,7 @@ from typing import Any
 from gateway.census import process_census
 from gateway.ipc import (
     AcceptCall,
+    AddCandidate,
     CallReleased,
     Census,
     CensusReport,
@@ -100,6 +101,7 @@ class Worker:
             StartCall: self._on_start_call,
             EndCall: self._on_end_call,
             ControlCall: self._on_control_call,
+            AddCandidate: self._on_add_candidate,
             Register: self._on_register,
             Unregister: self._on_unregister,
             AcceptCall: self._on_accept_call,
@@ -175,6 +177,11 @@ class Worker:
         call = self._calls.get(message.key)
         if call is not None:
             call.control(message)
+
+    def _on_add_candidate(self, message: AddCandidate) -> None:
+        call = self._calls.get(message.key)
+        if call is not None:
+            call.add_candidate(message)
 
     def _on_census(self, message: Census) -> None:
         counts = {

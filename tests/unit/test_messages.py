@@ -255,3 +255,54 @@ def test_any_request_shaped_object_parses_or_gives_a_protocol_error(kind, fields
         assert exc.code == "bad_request" and "\n" not in exc.message, exc.message
         return
     assert type(request).__name__.lower().replace("_", "").startswith(kind.replace("_", "")[:4])
+
+
+# --- candidate (trickle ICE) ----------------------------------------------------------
+
+_GOOD = "candidate:842163049 1 udp 2122260223 127.0.0.1 54321 typ host generation 0"
+
+
+def test_candidate_parses_the_browsers_ice_candidate_init() -> None:
+    from gateway.front.signaling.messages import Candidate
+
+    got = parse(
+        json.dumps(
+            {
+                "type": "candidate",
+                "call": "c1",
+                "id": "7",
+                "candidate": {"candidate": _GOOD, "sdpMid": "0", "sdpMLineIndex": 0},
+            }
+        )
+    )
+    assert got == Candidate("c1", _GOOD, "0", 0, "7")
+
+
+@pytest.mark.parametrize("value", [None, {"candidate": "", "sdpMid": "0"}])
+def test_candidate_end_of_candidates(value: object) -> None:
+    got = parse(json.dumps({"type": "candidate", "call": "c1", "candidate": value}))
+    assert got.candidate is None  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "candidate:1 1 udp 1 127.0.0.1 9 typ host",
+        {"candidate": "junk"},
+        {"candidate": "candidate:1 1 udp 1 127.0.0.1 9 typ bogus"},
+        {"candidate": _GOOD, "sdpMid": 0},
+        {"candidate": _GOOD, "sdpMLineIndex": True},
+        {"candidate": _GOOD, "sdpMLineIndex": 64},
+        {"candidate": "candidate:" + "x" * 1100},
+    ],
+)
+def test_bad_candidates_are_bad_requests(value: object) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        parse(json.dumps({"type": "candidate", "call": "c1", "id": "9", "candidate": value}))
+    assert caught.value.code == "bad_request"
+    assert caught.value.call == "c1"
+
+
+def test_candidate_needs_the_field() -> None:
+    with pytest.raises(ProtocolError, match="'candidate' is missing"):
+        parse(json.dumps({"type": "candidate", "call": "c1"}))

@@ -173,6 +173,17 @@ class TransferReject:
     id: str | None = None
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """A trickled ICE candidate of the browser; ``candidate`` ``None``: end of candidates."""
+
+    call: str
+    candidate: str | None
+    sdp_mid: str | None = None
+    sdp_mline_index: int | None = None
+    id: str | None = None
+
+
 Request = (
     Hello
     | Call
@@ -188,6 +199,7 @@ Request = (
     | Transfer
     | TransferAccept
     | TransferReject
+    | Candidate
 )
 
 
@@ -743,6 +755,68 @@ def _parse_transfer_reject(data: dict[str, Any], request_id: str | None) -> Tran
     return TransferReject(_call_id(data, request_id), request_id)
 
 
+#: ``candidate:<foundation> <component> <transport> <priority> <address> <port> typ <type> ...``
+_CANDIDATE = re.compile(
+    r"(?:candidate:)?[A-Za-z0-9+/]{1,32} [0-9]{1,3} [A-Za-z]{1,8} [0-9]{1,10} "
+    r"[A-Za-z0-9.:%_-]{1,253} [0-9]{1,5} typ (?:host|srflx|prflx|relay)(?: [\x21-\x7e ]*)?"
+)
+MAX_CANDIDATE = 1024
+
+
+def _parse_candidate(data: dict[str, Any], request_id: str | None) -> Candidate:
+    call = _call_id(data, request_id)
+    if "candidate" not in data:
+        raise ProtocolError(
+            "bad_request", "candidate: field 'candidate' is missing", id=request_id, call=call
+        )
+    value = data["candidate"]
+    if value is None:
+        return Candidate(call, None, id=request_id)
+    if not isinstance(value, dict):
+        raise ProtocolError(
+            "bad_request",
+            "candidate: field 'candidate' must be an object (RTCIceCandidateInit) or null",
+            id=request_id,
+            call=call,
+        )
+    text = value.get("candidate")
+    mid = value.get("sdpMid")
+    index = value.get("sdpMLineIndex")
+    if not isinstance(text, str) or len(text) > MAX_CANDIDATE:
+        raise ProtocolError(
+            "bad_request",
+            f"candidate: 'candidate.candidate' must be a string of at most {MAX_CANDIDATE}",
+            id=request_id,
+            call=call,
+        )
+    if mid is not None and (not isinstance(mid, str) or not _ID.fullmatch(mid)):
+        raise ProtocolError(
+            "bad_request", "candidate: 'sdpMid' must be a short string", id=request_id, call=call
+        )
+    if index is not None and (
+        isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < 64
+    ):
+        raise ProtocolError(
+            "bad_request",
+            "candidate: 'sdpMLineIndex' must be an integer from 0 to 63",
+            id=request_id,
+            call=call,
+        )
+    if text == "":  # the browser's own end-of-candidates
+        return Candidate(call, None, mid, index, request_id)
+    text = text.removeprefix("a=")
+    if not _CANDIDATE.fullmatch(text):
+        raise ProtocolError(
+            "bad_request",
+            "candidate: 'candidate.candidate' is not an ICE candidate attribute "
+            "(candidate:<foundation> <component> <transport> <priority> <address> <port> "
+            "typ <type> ...)",
+            id=request_id,
+            call=call,
+        )
+    return Candidate(call, text, mid, index, request_id)
+
+
 def _json_type(value: object) -> str:
     names = {bool: "boolean", int: "number", float: "number", list: "array", dict: "object"}
     return names.get(type(value), type(value).__name__)
@@ -763,4 +837,5 @@ _PARSERS: dict[str, Callable[[dict[str, Any], str | None], Request]] = {
     "transfer": _parse_transfer,
     "transfer_accept": _parse_transfer_accept,
     "transfer_reject": _parse_transfer_reject,
+    "candidate": _parse_candidate,
 }

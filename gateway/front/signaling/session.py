@@ -57,6 +57,7 @@ from .messages import (
     Accepted,
     Answer,
     Call,
+    Candidate,
     Dtmf,
     DtmfEvent,
     Error,
@@ -175,6 +176,7 @@ class Session:
             Transfer: self._on_transfer,
             TransferAccept: self._on_transfer_accept,
             TransferReject: self._on_transfer_reject,
+            Candidate: self._on_candidate,
         }
 
     def send(self, event: Event) -> None:
@@ -438,6 +440,17 @@ class Session:
                 self._manager.accept(self, call_id, sdp, request_id)
             else:
                 self._manager.reject(self, call_id, code, request_id)
+
+    def _on_candidate(self, request: Candidate) -> None:
+        with _call_errors("candidate", request.call, request.id, "is ending"):
+            self._manager.candidate(
+                self,
+                request.call,
+                request.candidate,
+                request.sdp_mid,
+                request.sdp_mline_index,
+                request.id,
+            )
 
     def _on_dtmf(self, request: Dtmf) -> None:
         self._control("dtmf", request.call, request.id, request.digits, request.method)

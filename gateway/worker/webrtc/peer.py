@@ -24,7 +24,7 @@ from aiortc import (
 )
 from aiortc.exceptions import OperationError
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
-from aiortc.sdp import MediaDescription, SessionDescription
+from aiortc.sdp import MediaDescription, SessionDescription, candidate_from_sdp
 
 from gateway.config import IceServer
 
@@ -142,6 +142,8 @@ class WebRtcLeg:
         #: Clear while :meth:`answer` runs: :meth:`close` waits for it.
         self._idle = asyncio.Event()
         self._idle.set()
+        #: Set once the offer is applied: trickled candidates wait for it.
+        self._remote_set = asyncio.Event()
         self.pc.on("track", self._on_track)
         self.pc.on("connectionstatechange", self._on_state)
 
@@ -192,6 +194,7 @@ class WebRtcLeg:
         except Exception as exc:
             logger.debug("offer rejected by aiortc: %r", exc)
             raise BadOffer("offer rejected: the WebRTC stack cannot apply this SDP") from None
+        self._remote_set.set()
         audio = None
         for transceiver in self.pc.getTransceivers():
             if transceiver.kind == "audio" and audio is None:
@@ -215,6 +218,34 @@ class WebRtcLeg:
         if self._on_digit is not None and payload_types and self._digits is None:
             self._digits = dtmf.DigitReceiver(receiver, payload_types, self._on_digit)
 
+    async def add_candidate(
+        self, candidate: str | None, sdp_mid: str | None, sdp_mline_index: int | None
+    ) -> None:
+        """Feed one trickled remote ICE candidate (``None``: end of candidates) to aiortc.
+
+        Raises :class:`BadOffer` if the candidate does not parse. Candidates that
+        arrive while the offer is still being applied wait for it.
+        """
+        parsed = None
+        if candidate:
+            text = candidate.removeprefix("a=").removeprefix("candidate:")
+            try:
+                parsed = candidate_from_sdp(text)
+            except Exception:  # aiortc raises ValueError/IndexError on junk
+                raise BadOffer("candidate: not an ICE candidate attribute") from None
+            if not 0 < parsed.port < 65536:
+                raise BadOffer("candidate: port outside 1-65535")
+            if self._loopback_only and not _is_loopback(parsed.ip):
+                return  # as loopback_candidates_only does for the offer's own candidates
+            parsed.sdpMid = sdp_mid
+            parsed.sdpMLineIndex = sdp_mline_index if sdp_mid is None else None
+            if sdp_mid is None and sdp_mline_index is None:
+                parsed.sdpMLineIndex = 0
+        await self._remote_set.wait()
+        if self._closing:
+            return
+        await self.pc.addIceCandidate(parsed)
+
     async def offer(self, outgoing: MediaStreamTrack) -> str:
         """Make the offer of an incoming call: one audio section, Opus first."""
         transceiver = self.pc.addTransceiver(outgoing, direction="sendrecv")
@@ -232,6 +263,7 @@ class WebRtcLeg:
         except Exception as exc:
             logger.debug("answer rejected by aiortc: %r", exc)
             raise BadOffer("answer rejected: the WebRTC stack cannot apply this SDP") from None
+        self._remote_set.set()
         self.codec = negotiated_codec(answer_sdp)
         for transceiver in self.pc.getTransceivers():
             if transceiver.kind == "audio":
@@ -252,6 +284,7 @@ class WebRtcLeg:
         answer left a socket in 15 of 48 tries).
         """
         self._closing = True
+        self._remote_set.set()  # wake trickled candidates waiting for the offer
         if not self._connected.done():
             self._connected.set_exception(ConnectionError("closed"))
             self._connected.exception()
@@ -338,6 +371,15 @@ def loopback_candidates_only(sdp: str) -> str:
                 continue
         kept.append(line)
     return "".join(kept)
+
+
+def _is_loopback(address: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:  # an mDNS .local name
+        return False
 
 
 def set_consent_timeout(seconds: float) -> None:
