@@ -128,6 +128,8 @@ class BridgedCall:
         self.max_duration = 0.0
         #: Extra headers for the INVITE (checked by the front).
         self.headers: tuple[tuple[str, str], ...] = ()
+        #: Trickled candidates that came before the WebRTC leg existed.
+        self._queued_candidates: list[AddCandidate] = []
         self._sip_released = True  # until an INVITE goes out
         #: An incoming call (the phone called a registered browser user).
         self._incoming = False
@@ -163,6 +165,7 @@ class BridgedCall:
             self._loopback_only,
             on_digit=self._on_browser_digit,
         )
+        self._take_queued_candidates(self._webrtc)
         try:
             answer = await self._webrtc.answer(offer_sdp, SipAudioTrack(self._bridge.from_sip))
         except Exception as exc:
@@ -233,6 +236,7 @@ class BridgedCall:
             self._loopback_only,
             on_digit=self._on_browser_digit,
         )
+        self._take_queued_candidates(self._webrtc)
         try:
             offer = await self._webrtc.offer(SipAudioTrack(self._bridge.from_sip))
         except Exception:
@@ -332,16 +336,17 @@ class BridgedCall:
         """A trickled ICE candidate of the browser (outgoing calls and accepted incoming ones)."""
         leg = self._webrtc
         if leg is None:
-            self._send(
-                CallControlFailed(
-                    self.key,
-                    "wrong_state",
-                    "candidate: the call has no WebRTC leg yet",
-                    request.request_id,
-                )
-            )
+            # The StartCall's task has not run yet (the candidate came right after
+            # the offer): the leg takes it as soon as it exists.
+            if self.state not in (State.ENDED, State.RELEASED):
+                self._queued_candidates.append(request)
             return
         self._spawn(self._add_candidate(leg, request))
+
+    def _take_queued_candidates(self, leg: WebRtcLeg) -> None:
+        for request in self._queued_candidates:
+            self._spawn(self._add_candidate(leg, request))
+        self._queued_candidates.clear()
 
     async def _add_candidate(self, leg: WebRtcLeg, request: AddCandidate) -> None:
         try:
