@@ -207,9 +207,25 @@ class SipConfig:
     #: Header names a browser's ``call`` may add to the INVITE (``"X-*"`` patterns,
     #: case-insensitive). Empty: none. Core and identity headers never.
     allowed_headers: tuple[str, ...] = ()
+    #: Networks (CIDR) allowed to send new out-of-dialog requests to the workers.
+    #: Empty: no source check. In-dialog requests (BYE, re-INVITE) are not checked.
+    trusted_peers: tuple[str, ...] = ()
+    #: Answer to requests from other sources: 0 (no response) or 403.
+    untrusted_answer: int = 0
 
     def validate(self) -> None:
         _check_ip("sip.bind", self.bind)
+        for cidr in self.trusted_peers:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ConfigError(
+                    f"config: sip.trusted_peers: {cidr!r} is not an address or network"
+                ) from None
+        if self.untrusted_answer not in (0, 403):
+            raise ConfigError(
+                f"config: sip.untrusted_answer = {self.untrusted_answer}: expected 0 or 403"
+            )
         if ipaddress.ip_address(self.bind).is_unspecified:
             raise ConfigError(
                 f"config: sip.bind = {self.bind!r}: give the address the PBX should reach "

@@ -155,14 +155,15 @@ def corpus(port: int, target: str) -> list[tuple[str, bytes]]:
 
 @dataclass
 class Stranger:
-    """A UDP socket on 127.0.0.1 that collects whatever comes back."""
+    """A UDP socket on ``host`` (127.0.0.1) that collects whatever comes back."""
 
+    host: str = "127.0.0.1"
     sock: socket.socket = field(
         default_factory=lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     )
 
     def __post_init__(self) -> None:
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind((self.host, 0))
         self.sock.setblocking(False)
         self.port = self.sock.getsockname()[1]
 

@@ -53,7 +53,7 @@ from .events import (
     SipTransfer,
     SipTransferRequest,
 )
-from .guard import DROP, PASS, Answer, RequestGuard, pjsua_library
+from .guard import DROP, PASS, Answer, RequestGuard, TrustedPeers, pjsua_library
 from .media_port import BridgePort, PortPool
 
 logger = logging.getLogger(__name__)
@@ -647,7 +647,12 @@ class SipEngine:
             endpoint, transport_id, port = create_endpoint(
                 sip.bind, params.sip_port, sip.log_level, params.max_calls, "sipgw", where
             )
-            self._guard = RequestGuard(self._policy)
+            trusted = (
+                TrustedPeers.parse(sip.trusted_peers, sip.untrusted_answer)
+                if sip.trusted_peers
+                else None
+            )
+            self._guard = RequestGuard(self._policy, trusted)
             set_codecs(endpoint, sip.codecs)
             self._create_account(transport_id, port)
             self._ports = PortPool(params.max_calls)

@@ -1,0 +1,51 @@
+"""sip.trusted_peers: new requests from other addresses get no response; peers still work."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from peers.gateway import Gateway, free_port, make_config, start_gateway, stop_gateway
+from peers.rawsip import SDP, Stranger, request, status_of
+from peers.webclient import WebClient
+
+from e2e.test_hostile_sip import worker_sip_ports
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def peers_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    port = free_port()
+    config = make_config(port, workers=1, settings={"sip": {"trusted_peers": ["127.0.0.1/32"]}})
+    gw = start_gateway(tmp_path_factory.mktemp("peers-gateway"), config, port)
+    try:
+        gw.wait_ready(workers=1)
+        yield gw
+    finally:
+        stop_gateway(gw)
+
+
+async def ask(host: str, port: int, method: str, body: str = "") -> list[int]:
+    stranger = Stranger(host=host)
+    try:
+        target = f"sip:anyone@127.0.0.1:{port}"
+        stranger.send(request(method, target, stranger.port, body=body), port)
+        return [status_of(r) for r in await stranger.responses(quiet=0.8)]
+    finally:
+        stranger.close()
+
+
+async def test_strangers_get_nothing_trusted_peer_is_answered(peers_gateway):
+    (port,) = worker_sip_ports(peers_gateway)
+    # The stranger's Via names 127.0.0.1 but rport sends replies to its real socket.
+    for method, body in (("OPTIONS", ""), ("INVITE", SDP), ("MESSAGE", ""), ("REFER", "")):
+        assert await ask("127.0.0.2", port, method, body) == [], method
+    assert await ask("127.0.0.1", port, "OPTIONS") == [200]
+    assert await ask("127.0.0.1", port, "MESSAGE") == [405]
+    # Calls through the trusted embedded targets still connect and carry audio.
+    async with WebClient(peers_gateway.url) as client:
+        call = await client.establish("trusted", "echo", tone_hz=700)
+        await client.wait_event(call, "accepted")
+        tone = await call.wait_for_tone(700)
+        assert abs(tone.hz - 700) <= 10 and tone.rms > 0.02, tone
