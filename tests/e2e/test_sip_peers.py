@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import pytest
+from aiortc import RTCSessionDescription
+from e2e.test_hostile_sip import worker_sip_ports
 from peers.gateway import Gateway, free_port, make_config, start_gateway, stop_gateway
 from peers.rawsip import SDP, Stranger, request, status_of
 from peers.webclient import WebClient
@@ -17,7 +20,14 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture(scope="module")
 def peers_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     port = free_port()
-    config = make_config(port, workers=1, settings={"sip": {"trusted_peers": ["127.0.0.1/32"]}})
+    config = make_config(
+        port,
+        workers=1,
+        settings={
+            "sip": {"trusted_peers": ["127.0.0.1/32"]},
+            "webrtc": {"ice_addresses": ["127.0.0.1"]},
+        },
+    )
     gw = start_gateway(tmp_path_factory.mktemp("peers-gateway"), config, port)
     try:
         gw.wait_ready(workers=1)
@@ -45,7 +55,13 @@ async def test_strangers_get_nothing_trusted_peer_is_answered(peers_gateway):
     assert await ask("127.0.0.1", port, "MESSAGE") == [405]
     # Calls through the trusted embedded targets still connect and carry audio.
     async with WebClient(peers_gateway.url) as client:
-        call = await client.establish("trusted", "echo", tone_hz=700)
+        call = await client.call("trusted", "echo", tone_hz=700)
+        answer = await client.wait_event(call, ("answer", "error", "hangup"))
+        assert answer["type"] == "answer", answer
+        # Say less: the answer offers only the configured ICE address.
+        candidates = re.findall(r"^a=candidate:\S+ \d+ \S+ \d+ (\S+) ", answer["sdp"], re.M)
+        assert candidates and set(candidates) == {"127.0.0.1"}, candidates
+        await call.pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], "answer"))
         await client.wait_event(call, "accepted")
         tone = await call.wait_for_tone(700)
         assert abs(tone.hz - 700) <= 10 and tone.rms > 0.02, tone
