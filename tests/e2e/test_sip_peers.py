@@ -65,3 +65,17 @@ async def test_strangers_get_nothing_trusted_peer_is_answered(peers_gateway):
         await client.wait_event(call, "accepted")
         tone = await call.wait_for_tone(700)
         assert abs(tone.hz - 700) <= 10 and tone.rms > 0.02, tone
+
+
+async def test_untrusted_answer_403(tmp_path):
+    port = free_port()
+    settings = {"sip": {"trusted_peers": ["127.0.0.1"], "untrusted_answer": 403}}
+    gw = start_gateway(tmp_path, make_config(port, workers=1, settings=settings), port)
+    try:
+        gw.wait_ready(workers=1)
+        (sip_port,) = worker_sip_ports(gw)
+        assert await ask("127.0.0.3", sip_port, "OPTIONS") == [403]
+        assert await ask("127.0.0.3", sip_port, "INVITE", SDP) == [403]
+        assert await ask("127.0.0.1", sip_port, "OPTIONS") == [200]
+    finally:
+        stop_gateway(gw)
