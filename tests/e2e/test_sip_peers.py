@@ -12,8 +12,6 @@ from peers.gateway import Gateway, free_port, make_config, start_gateway, stop_g
 from peers.rawsip import SDP, Stranger, request, status_of
 from peers.webclient import WebClient
 
-from e2e.test_hostile_sip import worker_sip_ports
-
 pytestmark = pytest.mark.timeout(120)
 
 
