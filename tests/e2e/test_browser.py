@@ -10,7 +10,6 @@ the local microphone.
 from __future__ import annotations
 
 import asyncio
-import wave
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,18 +17,14 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import Gateway
+from peers.chromium import CHROMIUM, MIC_HZ, TOLERANCE_HZ, launch
 from peers.sipp import SippPhone
-
-CHROMIUM = "/usr/bin/chromium"
 
 pytestmark = [
     pytest.mark.timeout(120),
     pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"Chromium not installed at {CHROMIUM}"),
 ]
 
-RATE = 48000
-MIC_HZ = 440.0
-TOLERANCE_HZ = 15.0
 
 # Runs in the page: listens to the remote stream for a while and returns the
 # dominant frequency (FFT peak, parabolic interpolation between bins) and levels.
@@ -72,58 +67,14 @@ async ({fftSize, samples, intervalMs}) => {
 """
 
 
-def write_tone_wav(path: Path, hz: float, seconds: float = 10.0, amplitude: float = 0.5) -> Path:
-    t = np.arange(int(RATE * seconds)) / RATE
-    pcm = (np.sin(2 * np.pi * hz * t) * amplitude * 32767).astype("<i2")
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(RATE)
-        w.writeframes(pcm.tobytes())
-    return path
-
-
 @pytest.fixture(
     params=[True, False],
     ids=["loopback-flag", "stock-chrome"],
 )
 async def browser(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
-    """Chromium with a fake 440 Hz microphone.
-
-    ``stock-chrome`` leaves out ``--allow-loopback-in-peer-connection``, as a
-    user's browser would: it then offers no loopback candidates at all, and the
-    gateway (loopback-only) must still connect (peer-reflexive candidates).
-    """
-    from playwright.async_api import async_playwright
-
-    loopback_flag = ["--allow-loopback-in-peer-connection"] if request.param else []
-
-    wav = write_tone_wav(tmp_path / "mic-440.wav", MIC_HZ)
-    async with async_playwright() as pw:
-        chromium = await pw.chromium.launch(
-            executable_path=CHROMIUM,
-            headless=True,
-            ignore_default_args=["--mute-audio"],
-            args=[
-                "--headless=new",
-                "--no-sandbox",
-                "--use-fake-ui-for-media-stream",
-                "--use-fake-device-for-media-stream",
-                f"--use-file-for-fake-audio-capture={wav}",
-                *loopback_flag,
-                "--autoplay-policy=no-user-gesture-required",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-                "--disable-gpu",
-                "--disable-quic",
-            ],
-        )
-        try:
-            yield chromium
-        finally:
-            await chromium.close()
+    """Chromium with a fake 440 Hz microphone, with and without loopback candidates."""
+    async with launch(tmp_path, loopback=request.param) as chromium:
+        yield chromium
 
 
 async def open_call(browser: Any, gateway: Gateway, to: str) -> Any:

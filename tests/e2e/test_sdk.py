@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import Gateway
-from test_browser import MIC_HZ, TOLERANCE_HZ
+from peers.chromium import MIC_HZ, TOLERANCE_HZ
 from test_trickle import chromium  # noqa: F401  (the module's shared browser)
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.asyncio(loop_scope="module")]

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 from conftest import Gateway
-from test_browser import CHROMIUM, MIC_HZ, TOLERANCE_HZ, write_tone_wav
+from peers.chromium import CHROMIUM, MIC_HZ, TOLERANCE_HZ, launch
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -124,34 +124,8 @@ async ({to, extra}) => {
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def chromium(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Any]:
     """One Chromium (fake 440 Hz microphone, loopback candidates allowed) for the module."""
-    from playwright.async_api import async_playwright
-
-    wav = write_tone_wav(tmp_path_factory.mktemp("trickle") / "mic-440.wav", MIC_HZ)
-    async with async_playwright() as pw:
-        browser = await pw.chromium.launch(
-            executable_path=CHROMIUM,
-            headless=True,
-            ignore_default_args=["--mute-audio"],
-            args=[
-                "--headless=new",
-                "--no-sandbox",
-                "--use-fake-ui-for-media-stream",
-                "--use-fake-device-for-media-stream",
-                f"--use-file-for-fake-audio-capture={wav}",
-                "--allow-loopback-in-peer-connection",
-                "--autoplay-policy=no-user-gesture-required",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-                "--disable-gpu",
-                "--disable-quic",
-            ],
-        )
-        try:
-            yield browser
-        finally:
-            await browser.close()
+    async with launch(tmp_path_factory.mktemp("trickle")) as browser:
+        yield browser
 
 
 async def trickle_call(chromium: Any, gateway: Gateway, extra: list[dict[str, Any]]) -> Any:
