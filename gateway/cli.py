@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from gateway.front.pool import StartupError
 
     def listening(url: str) -> None:
-        print(f"sipgw: demo page at {url}  (Ctrl-C to stop)", flush=True)
+        print(f"sipgw: softphone page at {url}  (Ctrl-C to stop)", flush=True)
 
     try:
         asyncio.run(serve(config, on_listening=listening))

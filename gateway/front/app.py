@@ -130,7 +130,7 @@ def build_app(config: Config) -> web.Application:
         max_messages_per_second=config.http.max_messages_per_second,
         client_address=ClientAddress(config.http.trusted_proxies),
     )
-    app.router.add_get("/", _demo_page)
+    app.router.add_get("/", _static("index.html", "text/html"))
     app.router.add_get("/sipgw.js", _static("sipgw.js", "text/javascript"))
     app.router.add_get("/widget.js", _static("widget.js", "text/javascript"))
     app.router.add_get("/demo/widget", _static("demo-widget.html", "text/html"))
@@ -235,11 +235,6 @@ async def _close_sessions(app: web.Application) -> None:
 async def _say_less(request: web.Request, response: web.StreamResponse) -> None:
     """Name the product, not the HTTP library and its version."""
     response.headers[hdrs.SERVER] = SERVER_HEADER
-
-
-async def _demo_page(request: web.Request) -> web.Response:
-    page = resources.files("gateway").joinpath("static/index.html").read_text(encoding="utf-8")
-    return web.Response(text=page, content_type="text/html")
 
 
 def _static(name: str, content_type: str) -> Callable[[web.Request], Awaitable[web.Response]]:

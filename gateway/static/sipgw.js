@@ -45,6 +45,8 @@ export class Call extends Emitter {
     /** @type {RTCPeerConnection|null} */
     this.pc = null;
     this.muted = false;
+    /** true while the call is on hold (after `held`, until `resumed`) */
+    this.held = false;
     /** @type {{code:number, reason:string, by:string, outcome:string}|null} */
     this.ended = null;
     this._accepted = false;
@@ -105,7 +107,7 @@ export class Call extends Emitter {
     if (!navigator.mediaDevices?.getUserMedia) {
       throw new Error("no microphone access: the page is not in a secure context (https or localhost)");
     }
-    this.localStream = await navigator.mediaDevices.getUserMedia({ audio: true });
+    this.localStream = await navigator.mediaDevices.getUserMedia({ audio: this.gw.audio });
     this.pc = new RTCPeerConnection({ iceServers: this.gw.iceServers });
     for (const t of this.localStream.getTracks()) this.pc.addTrack(t, this.localStream);
     this._pending = [];
@@ -193,8 +195,8 @@ export class Call extends Emitter {
         this._emit("accepted", m);
         this._maybeConnected();
         break;
-      case "held": this._emit("held", m); break;
-      case "resumed": this._emit("resumed", m); break;
+      case "held": this.held = true; this._emit("held", m); break;
+      case "resumed": this.held = false; this._emit("resumed", m); break;
       case "dtmf": this._emit("dtmf", m); break;
       case "transfer": case "transferred": this._emit("transfer", m); break;
       case "error": this._emit("error", { code: m.code, message: m.message }); break;
@@ -208,12 +210,15 @@ export class Call extends Emitter {
 /**
  * A connection to the gateway. `await SipGateway.connect(url, {token})`.
  * Events: `incoming` (Call), `registered`, `registration_failed`, `unregistered`,
- * `error`, `disconnected`, `reconnected`.
+ * `error`, `disconnected`, `reconnected`; for a developer's log, `message` (every
+ * message from the gateway) and `send` (every message to it).
  */
 export class SipGateway extends Emitter {
   /**
    * @param {string} [url] ws(s) URL; default: `ws` next to the page (relative).
-   * @param {{token?: string, trickle?: boolean, playAudio?: boolean, reconnect?: boolean}} [options]
+   * @param {{token?: string, trickle?: boolean, playAudio?: boolean, reconnect?: boolean,
+   *   audio?: boolean|MediaTrackConstraints}} [options] `audio`: getUserMedia's audio
+   *   constraints (default `true`)
    * @returns {Promise<SipGateway>}
    */
   static async connect(url, options = {}) {
@@ -229,6 +234,8 @@ export class SipGateway extends Emitter {
     this.trickle = options.trickle !== false;
     this.playAudio = options.playAudio !== false;
     this.reconnect = options.reconnect !== false;
+    /** @type {boolean|MediaTrackConstraints} */
+    this.audio = options.audio ?? true;
     /** @type {RTCIceServer[]} */
     this.iceServers = [];
     /** @type {Map<string, Call>} */
@@ -246,6 +253,7 @@ export class SipGateway extends Emitter {
       ws.onopen = () => ws.send(JSON.stringify(this.token ? { type: "hello", token: this.token } : { type: "hello" }));
       ws.onmessage = (e) => {
         const m = JSON.parse(e.data);
+        this._emit("message", m);
         if (m.type === "welcome") {
           welcomed = true;
           this._backoff = 500;
@@ -281,7 +289,10 @@ export class SipGateway extends Emitter {
 
   /** @private */
   _send(message) {
-    if (this.ws?.readyState === WebSocket.OPEN) this.ws.send(JSON.stringify(message));
+    if (this.ws?.readyState === WebSocket.OPEN) {
+      this._emit("send", message);
+      this.ws.send(JSON.stringify(message));
+    }
   }
 
   /** @private */

@@ -114,7 +114,7 @@ async def test_sdk_and_favicon_are_served_with_types_and_cache_headers(gateway: 
             assert exc.code == 304
 
 
-async def test_console_page_enter_twice_places_one_call(
+async def test_softphone_page_enter_twice_places_one_call(
     chromium: Any,  # noqa: F811
     gateway: Gateway,
 ) -> None:
@@ -126,7 +126,6 @@ async def test_console_page_enter_twice_places_one_call(
         await page.press("#number", "Enter")
         await page.press("#number", "Enter")
         await page.wait_for_function("() => window.sipgw.state === 'connected'", timeout=20_000)
-        await page.screenshot(path=SCREENSHOTS / "console-in-call.png")
         ice = await page.evaluate("() => window.sipgw.pc.connectionState")
         assert ice == "connected"  # connected is shown only once media is up
         await page.evaluate("() => window.sipgw.hangup()")

@@ -46,7 +46,7 @@ Commands (``{"cmd": ..., "id": ...}``; every command gets one reply
 
 Events: ``ready`` (``port``), ``reg`` (``code``, ``reason``, ``expiration``: the
 outcome of every REGISTER transaction, 0 expiration once unregistered),
-``incoming``, ``state``, ``confirmed``, ``media``
+``incoming``, ``state``, ``confirmed``, ``dtmf`` (``digit``: one the far end sent), ``media``
 (after every media change: the media status, pjsua's direction, the codec, the
 local RTP port and the last local and remote SDP: direction, port, codecs),
 ``reinvite``, ``disconnected`` (``code``, ``reason``), ``error``.
@@ -557,6 +557,10 @@ class PjsuaPhone:
         """Place a call to ``uri``; wait for it with :meth:`wait_confirmed`."""
         await self.command("call", uri=uri)
 
+    def digits(self) -> str:
+        """Every DTMF digit the phone received so far, in order."""
+        return "".join(e["digit"] for e in self._events.items if e.get("event") == "dtmf")
+
     def reg_events(self) -> list[dict[str, Any]]:
         """The outcome of every REGISTER so far (``code``, ``reason``, ``expiration``)."""
         return [e for e in self._events.items if e.get("event") == "reg"]
@@ -837,6 +841,10 @@ def _run_phone(args: argparse.Namespace) -> int:
             new = PhoneCall(phone.account, pj.PJSUA_INVALID_ID)
             phone.calls.append(new)
             prm.newCall = new
+
+        def onDtmfDigit(self, prm: Any) -> None:
+            """A digit the far end sent (RFC 4733 or SIP INFO)."""
+            emit("dtmf", digit=prm.digit, method=str(prm.method))
 
         def onCallTransferStatus(self, prm: Any) -> None:
             """NOTIFYs about a REFER this phone sent (``xfer`` command)."""
