@@ -200,9 +200,7 @@ async def test_softphone_without_a_token_says_so(chromium: Any, site: Site) -> N
     assert message.startswith("This gateway needs a sign-in token"), message
 
 
-async def test_widget_on_another_site_fetches_a_token_and_calls(
-    chromium: Any, site: Site
-) -> None:
+async def test_widget_on_another_site_fetches_a_token_and_calls(chromium: Any, site: Site) -> None:
     page = await chromium.new_page()
     styles = """() => [document.body, document.getElementById('para'),
         document.getElementById('host-button')].map(e => {
