@@ -410,6 +410,13 @@ class AccountConfig:
     #: Digest user name when it differs from ``user``.
     auth_user: str = ""
     display_name: str = ""
+    #: With ``[auth]`` on, the token subjects (``sub``) that may register this
+    #: account. Empty: only a token whose ``sub`` is the account's ``user``.
+    subs: tuple[str, ...] = ()
+
+    def may_register(self, subject: str | None) -> bool:
+        """Whether a connection whose token names ``subject`` (``None``: auth off) may use it."""
+        return subject is None or subject in (self.subs or (self.user,))
 
     def secret(self) -> str:
         if self.password_env:
@@ -658,12 +665,21 @@ class Config:
                     f"{where}.password_env: environment variable {account.password_env!r} "
                     "is not set"
                 )
+            for j, sub in enumerate(account.subs):
+                if not isinstance(sub, str) or not sub or not sub.isprintable():
+                    raise ConfigError(f"{where}.subs[{j}] = {sub!r}: a token subject (sub)")
             for key in ("auth_user", "display_name"):
                 value = getattr(account, key)
                 if value and not _plain(value.replace(" ", "_")):
                     raise ConfigError(f"{where}.{key} = {value!r}: no quotes, <, > or controls")
         if self.accounts and not self.registrar.uri:
             raise ConfigError("config: [[accounts]] need a registrar (registrar.uri)")
+        if self.accounts and not self.auth_enabled and not self.http.loopback:
+            raise ConfigError(
+                "config: [[accounts]] with auth off on a non-loopback http.host would let anyone "
+                "who reaches the WebSocket register them by name: turn [auth] on (each account "
+                "is then bound to token subjects, accounts[].subs)"
+            )
 
     def _validate_auth(self) -> None:
         why = (

@@ -47,6 +47,9 @@ class WorkerParams:
     ice_addresses: tuple[str, ...] = ()
     consent_timeout: float = 30.0
     log_level: int = logging.INFO
+    #: Networks whose new SIP requests the worker answers (empty: any source): ``sip.
+    #: trusted_peers``, or the configured targets' addresses (gateway.front.sip_peers).
+    trusted_peers: tuple[str, ...] = ()
 
     def with_sip_port(self, port: int) -> Self:
         return replace(self, sip_port=port)

@@ -24,6 +24,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any, Generic, Protocol, Self, TypeVar
 
 from gateway.config import Config
+from gateway.front.sip_peers import worker_trusted_peers
 from gateway.ipc import (
     Census,
     CensusReport,
@@ -72,6 +73,7 @@ def worker_params(config: Config, log_level: int) -> list[WorkerParams]:
     """One parameter set per worker: worker N gets SIP port ``sip.port + N`` (0 stays 0)
     and the RTP ports ``sip.rtp_port + 100 N`` to ``+ 99``."""
     sip = config.sip
+    peers = worker_trusted_peers(config)
     return [
         WorkerParams(
             index=i,
@@ -86,6 +88,7 @@ def worker_params(config: Config, log_level: int) -> list[WorkerParams]:
             ice_addresses=ice_addresses(config),
             consent_timeout=config.webrtc.consent_timeout,
             log_level=log_level,
+            trusted_peers=peers,
         )
         for i in range(config.workers.count)
     ]

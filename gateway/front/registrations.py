@@ -119,11 +119,20 @@ class Registrations(Generic[W]):
         password: str | None,
         display_name: str,
         request_id: str | None,
+        subject: str | None = None,
     ) -> None:
-        """Register ``user`` for ``owner`` (or join its registration); raises RegistrationError."""
+        """Register ``user`` for ``owner`` (or join its registration); raises RegistrationError.
+
+        ``subject`` is the ``sub`` of the owner's token (``None`` with auth off): a
+        server-side account is registered only for the subjects it is bound to.
+        """
         if not self._registrar.uri:
             raise RegistrationError("unavailable", "register: this gateway has no registrar")
         account = self._accounts.get(user)
+        if account is not None and not account.may_register(subject):
+            raise RegistrationError(
+                "forbidden", f"register: account {user!r} is not bound to this token's user"
+            )
         if account is not None:
             secret, auth_user = account.secret(), account.auth_user
             display_name = display_name or account.display_name

@@ -63,7 +63,11 @@ def no_secret_reaches_the_browser(monkeypatch: pytest.MonkeyPatch) -> Iterator[N
 
 @asynccontextmanager
 async def pbx(
-    tmp_path: Any, registrar: dict[str, Any] | None = None, **options: Any
+    tmp_path: Any,
+    registrar: dict[str, Any] | None = None,
+    settings: dict[str, dict[str, object]] | None = None,
+    extra: str = "",
+    **options: Any,
 ) -> AsyncIterator[tuple[Kamailio, Gateway]]:
     """Kamailio, and a gateway registering to it (its own process: the registrar differs)."""
     async with Kamailio(tmp_path, USERS, **options) as kam:
@@ -75,9 +79,10 @@ async def pbx(
                 "domain": kam.realm,
                 "ring_timeout": RING_TIMEOUT,
                 **(registrar or {}),
-            }
+            },
+            **(settings or {}),
         }
-        text = make_config(port, settings=settings) + PBX_RULE
+        text = make_config(port, settings=settings) + PBX_RULE + extra
         gw = start_gateway(tmp_path, text, http_port=port)
         try:
             await asyncio.to_thread(gw.wait_ready)
@@ -303,3 +308,45 @@ async def test_registrar_that_never_answers_fails_with_408(tmp_path):
                 assert elapsed < 40, elapsed  # pjsip's transaction timeout, 32 s
         finally:
             await asyncio.to_thread(stop_gateway, gw)
+
+
+SECRET = "a-secret-for-the-account-binding-test-0123456789"
+AUDIENCE = "sipgw-register-test"
+#: 1001 is a server-side account: its password stays on the gateway, and only
+#: tokens for alice (or the account's own name) may register it.
+BOUND_ACCOUNT = """
+[[accounts]]
+user = "1001"
+password = "secret1"
+subs = ["alice"]
+"""
+
+
+def token_for(sub: str) -> str:
+    import jwt
+
+    now = int(time.time())
+    claims = {"sub": sub, "aud": AUDIENCE, "iat": now, "exp": now + 120}
+    return str(jwt.encode(claims, SECRET, "HS256"))
+
+
+async def test_a_server_side_account_registers_only_for_its_token_subjects(tmp_path):
+    auth = {
+        "auth": {"enabled": True, "secret": SECRET, "audience": AUDIENCE, "allow_non_browser": True}
+    }
+    async with pbx(tmp_path, settings=auth, extra=BOUND_ACCOUNT) as (kam, gw):
+        async with WebClient(gw.url) as bob:
+            hello = await bob.request({"type": "hello", "token": token_for("bob")})
+            assert hello["type"] == "welcome", hello
+            refused = await bob.request({"type": "register", "user": "1001"})
+            assert (refused["type"], refused["code"]) == ("error", "forbidden"), refused
+            # A password does not help: the account's binding decides.
+            refused = await bob.request({"type": "register", "user": "1001", "password": "x"})
+            assert (refused["type"], refused["code"]) == ("error", "forbidden"), refused
+            assert kam.log().replies("REGISTER", "1001") == []  # nothing reached the PBX
+        async with WebClient(gw.url) as alice:
+            hello = await alice.request({"type": "hello", "token": token_for("alice")})
+            assert hello["type"] == "welcome", hello
+            reply = await alice.request({"type": "register", "user": "1001"})
+            assert (reply["type"], reply["user"]) == ("registered", "1001"), reply
+            assert kam.log().replies("REGISTER", "1001") == [401, 200]

@@ -77,3 +77,28 @@ async def test_untrusted_answer_403(tmp_path):
         assert await ask("127.0.0.1", sip_port, "OPTIONS") == [200]
     finally:
         stop_gateway(gw)
+
+
+async def test_by_default_only_the_configured_targets_are_answered(tmp_path):
+    """No ``trusted_peers`` set: the targets' hosts (here all 127.0.0.1) are trusted,
+    a stranger on 127.0.0.2 gets nothing; ``0.0.0.0/0`` lets everyone in again."""
+    port = free_port()
+    gw = start_gateway(tmp_path, make_config(port, workers=1), port)
+    try:
+        gw.wait_ready(workers=1)
+        assert "SIP requests admitted from 127.0.0.1/32" in gw.log.read_text()
+        (sip_port,) = worker_sip_ports(gw)
+        for method, body in (("OPTIONS", ""), ("INVITE", SDP)):
+            assert await ask("127.0.0.2", sip_port, method, body) == [], method
+        assert await ask("127.0.0.1", sip_port, "OPTIONS") == [200]
+    finally:
+        stop_gateway(gw)
+    port = free_port()
+    anyone = {"sip": {"trusted_peers": ["0.0.0.0/0", "::/0"]}}
+    gw = start_gateway(tmp_path, make_config(port, workers=1, settings=anyone), port)
+    try:
+        gw.wait_ready(workers=1)
+        (sip_port,) = worker_sip_ports(gw)
+        assert await ask("127.0.0.2", sip_port, "OPTIONS") == [200]
+    finally:
+        stop_gateway(gw)

@@ -190,3 +190,29 @@ def test_public_keys_are_read_and_matched_to_their_algorithm(tmp_path):
         config_from_dict({"auth": {**base, "algorithms": ["RS256"], "public_keys": [str(garbage)]}})
     with pytest.raises(ConfigError, match=r"which auth\.algorithms does not allow"):
         config_from_dict({"auth": {**base, "secret": SECRET, "public_keys": [rsa_pem]}})
+
+
+def test_server_side_accounts_are_bound_to_token_subjects():
+    registrar = {"uri": "sip:192.0.2.10"}
+    account = {"user": "1001", "password": "pw"}
+    config = config_from_dict({"registrar": registrar, "accounts": [account]})
+    (bound,) = config.accounts
+    assert bound.may_register(None)  # auth off (the loopback demo)
+    assert bound.may_register("1001") and not bound.may_register("mallory")
+    config = config_from_dict(
+        {"registrar": registrar, "accounts": [{**account, "subs": ["alice", "bob"]}]}
+    )
+    (bound,) = config.accounts
+    assert bound.may_register("bob") and not bound.may_register("1001")
+    with pytest.raises(ConfigError, match=re.escape("accounts[0].subs[0]")):
+        config_from_dict({"registrar": registrar, "accounts": [{**account, "subs": [""]}]})
+    # Off loopback with auth off, anyone could register them by name: refused.
+    with pytest.raises(ConfigError, match=re.escape("[[accounts]] with auth off")):
+        config_from_dict(
+            {
+                "http": {"host": "0.0.0.0"},
+                "auth": {"enabled": False},
+                "registrar": registrar,
+                "accounts": [account],
+            }
+        )

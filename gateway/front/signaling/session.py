@@ -412,7 +412,12 @@ class Session:
             if registrations is None:
                 raise RegistrationError("unavailable", "register: this gateway has no registrar")
             registrations.register(
-                self, request.user, request.password, request.display_name, request.id
+                self,
+                request.user,
+                request.password,
+                request.display_name,
+                request.id,
+                subject=self.grant.user if self.grant is not None else None,
             )
         except RegistrationError as exc:
             raise ProtocolError(exc.code, exc.message, id=request.id) from None

@@ -648,8 +648,8 @@ class SipEngine:
                 sip.bind, params.sip_port, sip.log_level, params.max_calls, "sipgw", where
             )
             trusted = (
-                TrustedPeers.parse(sip.trusted_peers, sip.untrusted_answer)
-                if sip.trusted_peers
+                TrustedPeers.parse(params.trusted_peers, sip.untrusted_answer)
+                if params.trusted_peers
                 else None
             )
             self._guard = RequestGuard(self._policy, trusted)
