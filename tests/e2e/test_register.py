@@ -19,6 +19,7 @@ import pytest
 from peers.gateway import Gateway, free_port, make_config, start_gateway, stop_gateway
 from peers.kamailio import Kamailio
 from peers.pjsua_phone import PjsuaPhone, SipAccount
+from peers.sipp import SippPhone, parse_message_log
 from peers.webclient import WebClient
 
 pytestmark = pytest.mark.timeout(120)
@@ -350,3 +351,43 @@ async def test_a_server_side_account_registers_only_for_its_token_subjects(tmp_p
             reply = await alice.request({"type": "register", "user": "1001"})
             assert (reply["type"], reply["user"]) == ("registered", "1001"), reply
             assert kam.log().replies("REGISTER", "1001") == [401, 200]
+
+
+@pytest.mark.parametrize(
+    ("bye_realm", "answered"),
+    [("evil.example", False), ("sipgw.test", True)],
+    ids=["foreign-realm", "registrar-realm"],
+)
+async def test_a_407_on_the_bye_gets_a_digest_only_in_the_registrar_realm(
+    tmp_path, bye_realm, answered
+):
+    """The far end of a call challenges the gateway's BYE. Only a challenge in
+    ``registrar.realm`` is answered with the user's digest; a foreign realm's 407
+    gets nothing to crack offline (and the call still ends for the browser)."""
+    async with SippPhone("pbx_bye_challenge", tmp_path, bye_realm=bye_realm) as sip_pbx:
+        port = free_port()
+        registrar = {"uri": f"sip:127.0.0.1:{sip_pbx.port}", "domain": "sipgw.test"}
+        text = make_config(port, settings={"registrar": registrar}) + PBX_RULE
+        gw = start_gateway(tmp_path, text, http_port=port)
+        try:
+            await asyncio.to_thread(gw.wait_ready)
+            async with WebClient(gw.url) as client:
+                await registered(client)
+                call = await client.establish("c1", "1003", tone_hz=BROWSER_HZ)
+                accepted = await client.wait_event(call, ("accepted", "hangup"), 15)
+                assert accepted["type"] == "accepted", accepted
+                reply = await client.hangup("c1")
+                assert (reply["type"], reply["outcome"]) == ("hangup", "local_bye"), reply
+                await asyncio.sleep(4.5)  # the scenario waits 4 s for a second BYE
+        finally:
+            await asyncio.to_thread(stop_gateway, gw)
+        received = [m for m in parse_message_log(sip_pbx.read_log()) if m.direction == "received"]
+        registers = [m for m in received if m.method == "REGISTER"]
+        assert any('realm="sipgw.test"' in m.headers.get("authorization", "") for m in registers)
+        byes = {m.headers["cseq"]: m for m in received if m.method == "BYE"}
+        with_digest = [m for m in byes.values() if "proxy-authorization" in m.headers]
+        if answered:
+            assert len(byes) == 2 and len(with_digest) == 1, byes
+            assert f'realm="{bye_realm}"' in with_digest[0].headers["proxy-authorization"]
+        else:
+            assert len(byes) == 1 and not with_digest, byes

@@ -14,6 +14,10 @@ Modes (scenario files in ``tests/peers/scenarios/``):
     waits for BYE and answers 200.
 ``answer_wait_bye``
     180, 200 + SDP, ACK, RTP echo, waits for the caller's BYE.
+``pbx_bye_challenge``
+    a registrar and phone in one: REGISTER gets 401 (realm ``sipgw.test``) then
+    200; an INVITE gets 200 + SDP (RTP echo); the caller's BYE gets 407 with realm
+    ``bye_realm`` (default ``evil.example``); a second BYE within 4 s gets 200.
 ``bye``
     180, 200 + SDP, ACK, RTP echo; after ``bye_after_ms`` sipp sends BYE and
     expects 200 (a BYE from the caller before that is answered too).
@@ -69,6 +73,7 @@ import numpy as np
 
 MODES = (
     "echo",
+    "pbx_bye_challenge",
     "busy",
     "bye",
     "ring",
@@ -83,7 +88,16 @@ SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
 HOST = "127.0.0.1"
 
 # Modes that echo RTP (sipp binds -mp and -mp+2 for the echo).
-_ECHO_MODES = {"echo", "bye", "answer_wait_bye", "late", "timer_ignore", "timer_422", "dtmf"}
+_ECHO_MODES = {
+    "echo",
+    "pbx_bye_challenge",
+    "bye",
+    "answer_wait_bye",
+    "late",
+    "timer_ignore",
+    "timer_422",
+    "dtmf",
+}
 _TONE_FILE = "tone.ulaw"
 _START_TIMEOUT_S = 10.0
 _TERM_GRACE_S = 2.0
@@ -422,6 +436,7 @@ class SippPhone:
         rtp_port: int | None = None,
         tone_hz: float = 1000.0,
         max_lifetime_s: float = 600.0,
+        bye_realm: str = "evil.example",
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown SippPhone mode {mode!r}; expected one of {MODES}")
@@ -439,6 +454,7 @@ class SippPhone:
         self.dtmf_pt = int(dtmf_pt)
         self.rtp_port = rtp_port
         self.tone_hz = float(tone_hz)
+        self.bye_realm = bye_realm
         self.max_lifetime_s = float(max_lifetime_s)
         self.tmp_path = Path(tmp_path)
         self._proc: asyncio.subprocess.Process | None = None
@@ -495,6 +511,7 @@ class SippPhone:
         text = text.replace("@DTMF_PT@", str(self.dtmf_pt))
         text = text.replace("@RTP_PORT@", str(self.rtp_port or "[media_port]"))
         text = text.replace("@TONE_FILE@", _TONE_FILE)
+        text = text.replace("@BYE_REALM@", self.bye_realm)
         self.scenario_path.write_text(text)
         if self.mode == "tone":
             write_ulaw_tone(self.workdir / _TONE_FILE, self.tone_hz)
