@@ -218,3 +218,42 @@ async def test_page_shows_ice_failure_within_the_gateway_bound(
         assert await page.is_visible("#call") and await page.is_hidden("#hangup")
     finally:
         await asyncio.to_thread(stop_gateway, gw)
+
+
+async def test_page_explains_an_insecure_context(gateway: Gateway, tmp_path: Path) -> None:
+    """Loaded as http://gw.test (a name, not localhost), the page may not use the
+    microphone: it says why instead of failing on the first call."""
+    port = gateway.url.rsplit(":", 1)[1]
+    rules = "--host-resolver-rules=MAP gw.test 127.0.0.1"
+    async with launch(tmp_path, extra_args=(rules,)) as browser:
+        page = await browser.new_page()
+        await page.goto(f"http://gw.test:{port}/")
+        assert await page.evaluate("() => window.isSecureContext") is False
+        assert await page.is_visible("#insecure")
+        assert "https://" in await text(page, "#insecure")
+        secure = await browser.new_page()
+        await secure.goto(f"{gateway.url}/")
+        assert await secure.is_hidden("#insecure")
+
+
+async def test_page_transfers_a_call_blind(chromium: Any, gateway: Gateway, tmp_path: Path) -> None:
+    """Transfer, a number, Transfer: phone A gets the REFER for B and calls B."""
+    async with (
+        PjsuaPhone(tmp_path / "a", tone_hz=PHONE_HZ) as a,
+        PjsuaPhone(tmp_path / "b", tone_hz=500) as b,
+    ):
+        page = await open_page(chromium, gateway.url)
+        await page.fill("#number", f"sipp{a.port}")
+        await page.press("#number", "Enter")
+        await wait_state(page, "connected")
+        await a.wait_confirmed()
+        await page.click("#xfer-toggle")
+        await page.fill("#xfer-to", f"sipp{b.port}")
+        await page.click("#xfer-go")
+        refer = await a.wait_event("refer", 10)
+        assert f":{b.port}" in refer["uri"], refer
+        await wait_state(page, "ended", 15_000)
+        assert await text(page, "#message") == "Call transferred."
+        await b.wait_confirmed()
+        heard = await b.wait_for_tone(PHONE_HZ)
+        assert abs(heard.hz - PHONE_HZ) <= 10, heard  # A and B talk; the page is out

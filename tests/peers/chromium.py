@@ -32,7 +32,9 @@ def write_tone_wav(path: Path, hz: float, seconds: float = 10.0, amplitude: floa
 
 
 @asynccontextmanager
-async def launch(directory: Path, loopback: bool = True) -> AsyncIterator[Any]:
+async def launch(
+    directory: Path, loopback: bool = True, extra_args: tuple[str, ...] = ()
+) -> AsyncIterator[Any]:
     """Chromium with a fake 440 Hz microphone (its WAV file written in ``directory``).
 
     ``loopback=False`` leaves out ``--allow-loopback-in-peer-connection``, as a
@@ -62,6 +64,7 @@ async def launch(directory: Path, loopback: bool = True) -> AsyncIterator[Any]:
                 "--no-first-run",
                 "--disable-gpu",
                 "--disable-quic",
+                *extra_args,
             ],
         )
         try:
