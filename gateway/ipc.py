@@ -47,6 +47,9 @@ class WorkerParams:
     ice_addresses: tuple[str, ...] = ()
     consent_timeout: float = 30.0
     log_level: int = logging.INFO
+    #: This worker's SIP/TLS port with ``sip.transport = "tls"`` (``sip.tls_port +
+    #: index``, or 0 for any free port).
+    tls_port: int = 0
 
     def with_sip_port(self, port: int) -> Self:
         return replace(self, sip_port=port)
@@ -101,6 +104,9 @@ class StartCall:
     max_duration: float = 0.0
     #: Extra headers for the INVITE: the dialplan rule's, then the browser's allowed ones.
     headers: tuple[tuple[str, str], ...] = ()
+    #: ``uri`` is an embedded target: dialled on loopback UDP without SRTP, whatever
+    #: ``sip.transport`` and ``sip.srtp`` say.
+    local: bool = False
 
 
 @dataclass(frozen=True)
