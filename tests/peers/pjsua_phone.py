@@ -1045,7 +1045,9 @@ def _run_phone(args: argparse.Namespace) -> int:
         "optional": pj.PJMEDIA_SRTP_OPTIONAL,
         "mandatory": pj.PJMEDIA_SRTP_MANDATORY,
     }[args.srtp]
-    acfg.mediaConfig.srtpSecureSignaling = 0  # the tests check the gateway's side of this
+    # The phone takes SDES keys over any transport: which transport carries them
+    # is the gateway's business, and what the tests check.
+    acfg.mediaConfig.srtpSecureSignaling = 0
     keyings = pj.IntVector()
     keyings.append(pj.PJMEDIA_SRTP_KEYING_SDES)
     acfg.mediaConfig.srtpOpt.keyings = keyings
