@@ -174,6 +174,10 @@ class WorkersConfig:
 
 #: Values of ``sip.session_timers``.
 SESSION_TIMER_MODES = ("off", "optional", "required", "always")
+#: Values of ``sip.transport``: how the workers reach the PBX.
+SIP_TRANSPORTS = ("udp", "tls")
+#: Values of ``sip.srtp`` (SDES keying, RFC 4568).
+SRTP_MODES = ("off", "optional", "mandatory")
 
 
 @dataclass(frozen=True)
@@ -212,6 +216,40 @@ class SipConfig:
     trusted_peers: tuple[str, ...] = ()
     #: Answer to requests from other sources: 0 (no response) or 403.
     untrusted_answer: int = 0
+    #: How the workers reach the PBX: "udp", or "tls" (every target but the embedded
+    #: ones gets ``;transport=tls``). The embedded targets stay on loopback UDP.
+    transport: str = "udp"
+    #: SIP/TLS listening port of worker 0; worker N uses tls_port + N. 0 picks free ports.
+    tls_port: int = 0
+    #: CA certificates (PEM) the PBX's certificate must chain to.
+    tls_ca: str = ""
+    #: Check the PBX's certificate: chain to ``tls_ca``, name = the target's host.
+    tls_verify: bool = True
+    #: The gateway's own certificate chain and key (PEM), shown to a PBX that asks
+    #: for one and to PBXes connecting to the TLS port; both or neither.
+    tls_cert: str = ""
+    tls_key: str = ""
+    #: SRTP to the PBX, keys exchanged in the SDP (SDES): "off", "optional" (offered
+    #: as RTP/AVP with keys, used when the answer takes it) or "mandatory" (RTP/SAVP).
+    srtp: str = "off"
+
+    @property
+    def tls(self) -> bool:
+        return self.transport == "tls"
+
+    @property
+    def own_accounts(self) -> int:
+        """pjsua accounts a worker holds for itself: the PBX's, and with TLS one more
+        for the embedded targets (loopback UDP, no SRTP)."""
+        return 2 if self.tls else 1
+
+    def target_uri(self, uri: str) -> str:
+        """``uri`` as a worker dials it at the PBX: with ``;transport=tls`` added
+        when the transport is TLS and the URI names none (``sips:`` is left alone)."""
+        if not self.tls or uri_transport(uri):
+            return uri
+        head, question, tail = uri.partition("?")
+        return f"{head};transport=tls{question}{tail}"
 
     def validate(self) -> None:
         _check_ip("sip.bind", self.bind)
@@ -258,6 +296,47 @@ class SipConfig:
                     'or a prefix ending in * ("X-*")'
                 )
         _check_range("sip.session_expires", self.session_expires, self.min_se, 86400)
+        self._validate_tls()
+
+    def _validate_tls(self) -> None:
+        if self.transport not in SIP_TRANSPORTS:
+            raise ConfigError(
+                f"config: sip.transport = {self.transport!r}: expected one of "
+                f"{', '.join(SIP_TRANSPORTS)}"
+            )
+        if self.srtp not in SRTP_MODES:
+            raise ConfigError(
+                f"config: sip.srtp = {self.srtp!r}: expected one of {', '.join(SRTP_MODES)}"
+            )
+        if not self.tls:
+            if self.srtp != "off":
+                # SDES puts the SRTP keys in the SDP: over UDP anyone who can read the
+                # signalling can decrypt the media, so it would only look protected.
+                raise ConfigError(
+                    f'config: sip.srtp = {self.srtp!r} needs sip.transport = "tls": SDES '
+                    "sends the SRTP keys in the SDP, which UDP carries in the clear"
+                )
+            for key in ("tls_port", "tls_ca", "tls_cert", "tls_key"):
+                if getattr(self, key):
+                    raise ConfigError(
+                        f'config: sip.{key} is set but sip.transport is "udp" '
+                        '(set sip.transport = "tls" to use it)'
+                    )
+            if not self.tls_verify:
+                raise ConfigError(
+                    'config: sip.tls_verify = false is set but sip.transport is "udp"'
+                )
+            return
+        if self.tls_port != 0:
+            _check_port("sip.tls_port", self.tls_port)
+        if self.tls_verify and not self.tls_ca:
+            raise ConfigError(
+                "config: sip.tls_verify is on (the default): set sip.tls_ca to the CA "
+                "certificates (PEM) the PBX's certificate chains to"
+            )
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("config: sip.tls_cert and sip.tls_key go together: set both")
+        check_tls_files("sip", self.tls_ca, self.tls_cert, self.tls_key)
 
 
 @dataclass(frozen=True)
@@ -635,6 +714,12 @@ class Config:
                 f"config: sip.port = {self.sip.port}: worker {last} would need port "
                 f"{self.sip.port + last} (worker N uses sip.port + N)"
             )
+        if self.sip.tls_port and self.sip.tls_port + last > 65535:
+            raise ConfigError(
+                f"config: sip.tls_port = {self.sip.tls_port}: worker {last} would need port "
+                f"{self.sip.tls_port + last} (worker N uses sip.tls_port + N)"
+            )
+        self._validate_transports()
         if self.sip.rtp_port + 100 * self.workers.count > 65536:
             raise ConfigError(
                 f"config: sip.rtp_port = {self.sip.rtp_port}: {self.workers.count} workers need "
@@ -649,6 +734,29 @@ class Config:
                         f"config: dialplan rule {rule.name!r} routes to {{embedded}} "
                         "but embedded.enabled is false"
                     )
+
+    def _validate_transports(self) -> None:
+        """Targets and the registrar ask for no transport the workers do not use for them.
+
+        With TLS every target but the embedded ones gets ``;transport=tls``; one that
+        names UDP or TCP would contradict it. Without TLS the workers have no TLS
+        transport, so a ``sips:`` or ``transport=tls`` target could never be reached.
+        """
+        wanted = "tls" if self.sip.tls else "udp"
+        named = [
+            (f"dialplan rule {rule.name!r}", rule.target)
+            for rule in self.rules
+            if rule.target and "{embedded}" not in rule.target
+        ]
+        if self.registrar.uri:
+            named.append(("registrar.uri", self.registrar.uri))
+        for where, uri in named:
+            transport = uri_transport(uri)
+            if transport and transport != wanted:
+                raise ConfigError(
+                    f"config: {where} asks for transport {transport} ({uri!r}) but "
+                    f"sip.transport is {self.sip.transport!r}"
+                )
 
     def _validate_accounts(self) -> None:
         seen: set[str] = set()
@@ -869,3 +977,80 @@ def _check_ip(key: str, value: str) -> None:
 def _check_token(key: str, value: str) -> None:
     if not value or not all((c.isascii() and c.isalnum()) or c in "-_.!~*'()+" for c in value):
         raise ConfigError(f"config: {key} = {value!r} is not a valid SIP user part")
+
+
+def uri_transport(uri: str) -> str:
+    """The transport a SIP URI asks for: ``"tls"`` for ``sips:``, else its ``transport``
+    parameter in lower case, else ``""``."""
+    scheme, _, rest = uri.strip().partition(":")
+    if scheme.lower() == "sips":
+        return "tls"
+    params = rest.split("?", 1)[0].split(";")[1:]
+    for param in params:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "transport":
+            return value.strip().lower()
+    return ""
+
+
+def check_tls_files(section: str, ca: str, cert: str, key: str) -> None:
+    """Each PEM file given exists and holds what it should, and the key fits the cert.
+
+    pjsip reads these files only when a TLS connection is made, so a bad file would
+    otherwise show up as a failed call long after the start.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    def read(name: str, path: str) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except OSError as exc:
+            raise ConfigError(
+                f"config: {section}.{name} = {path!r}: cannot read it: {exc.strerror}"
+            ) from None
+
+    # (ConfigError is a ValueError: each file is read before the parser's try.)
+    if ca:
+        data = read("tls_ca", ca)
+        try:
+            x509.load_pem_x509_certificates(data)
+        except ValueError:
+            raise ConfigError(
+                f"config: {section}.tls_ca = {ca!r} holds no PEM certificate"
+            ) from None
+    if not cert:
+        return
+    data = read("tls_cert", cert)
+    try:
+        chain = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise ConfigError(
+            f"config: {section}.tls_cert = {cert!r} holds no PEM certificate"
+        ) from None
+    data = read("tls_key", key)
+    try:
+        private = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError):
+        raise ConfigError(
+            f"config: {section}.tls_key = {key!r} is not an unencrypted PEM private key"
+        ) from None
+    if not isinstance(private, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+        raise ConfigError(
+            f"config: {section}.tls_key = {key!r}: an RSA or EC key, please (the pjsua2 "
+            "wheel's OpenSSL 1.0.2k knows no other)"
+        )
+    ours = private.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    theirs = (
+        chain[0]
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    if ours != theirs:
+        raise ConfigError(
+            f"config: {section}.tls_key = {key!r} is not the key of the certificate in "
+            f"{section}.tls_cert"
+        )

@@ -50,6 +50,9 @@ class WorkerParams:
     #: Networks whose new SIP requests the worker answers (empty: any source): ``sip.
     #: trusted_peers``, or the configured targets' addresses (gateway.front.sip_peers).
     trusted_peers: tuple[str, ...] = ()
+    #: This worker's SIP/TLS port with ``sip.transport = "tls"`` (``sip.tls_port +
+    #: index``, or 0 for any free port).
+    tls_port: int = 0
 
     def with_sip_port(self, port: int) -> Self:
         return replace(self, sip_port=port)
@@ -104,6 +107,9 @@ class StartCall:
     max_duration: float = 0.0
     #: Extra headers for the INVITE: the dialplan rule's, then the browser's allowed ones.
     headers: tuple[tuple[str, str], ...] = ()
+    #: ``uri`` is an embedded target: dialled on loopback UDP without SRTP, whatever
+    #: ``sip.transport`` and ``sip.srtp`` say.
+    local: bool = False
 
 
 @dataclass(frozen=True)

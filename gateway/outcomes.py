@@ -68,6 +68,9 @@ class End(Enum):
     MAX_DURATION = EndRow(200, "Maximum call duration reached", "gateway")
     #: The SIP target's host said its port is closed (ICMP port unreachable).
     TARGET_UNREACHABLE = EndRow(503, "SIP target unreachable", "gateway")
+    #: ``sip.transport = "tls"``: no TLS connection to the target carried the INVITE
+    #: (its certificate failed verification, the connection was refused...).
+    TLS_FAILED = EndRow(503, "TLS connection to the SIP target failed", "gateway")
     #: The RFC 4028 session was not refreshed in time: BYE sent.
     SESSION_EXPIRED = EndRow(408, "Session timer expired", "gateway")
     #: The worker process carrying the call died.
@@ -120,8 +123,14 @@ def ending(kind: End, code: int = 0, reason: str = "") -> Ending:
 SESSION_LOST_CODES = (408, 481)
 
 
-def sip_disconnected(code: int, reason: str, *, answered: bool) -> Ending:
-    """The ending of a SIP leg that the far end (or the network) ended."""
+def sip_disconnected(code: int, reason: str, *, answered: bool, tls_failed: bool = False) -> Ending:
+    """The ending of a SIP leg that the far end (or the network) ended.
+
+    ``tls_failed``: pjsip's TLS transport, not the far end, failed the INVITE
+    (pjsip then makes up a 503 with its own error text as the reason).
+    """
+    if tls_failed and not answered:
+        return ending(End.TLS_FAILED, reason=f"{End.TLS_FAILED.value.reason}: {reason}")
     if code == 0:
         return ending(End.TRANSPORT_ERROR, reason=reason)
     if answered and code in SESSION_LOST_CODES:

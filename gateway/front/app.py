@@ -34,7 +34,7 @@ from .metrics import Metrics
 from .orphans import Orphans
 from .pool import StartupError, WorkerHandle, WorkerPool, worker_params
 from .quotas import QuotaLimits
-from .registrations import Registrations
+from .registrations import PJSUA_MAX_ACC, Registrations
 from .signaling.session import Session, websocket_handler
 from .targets import EmbeddedTargets
 
@@ -193,7 +193,13 @@ async def _workers_and_calls(app: web.Application) -> AsyncIterator[None]:
         config.http.max_call_rate,
         embedded=targets,
         on_orphaned=orphans.end,
-        registrations=Registrations(config.registrar, config.accounts, pool, pool.workers),
+        registrations=Registrations(
+            config.registrar,
+            config.accounts,
+            pool,
+            pool.workers,
+            PJSUA_MAX_ACC - config.sip.own_accounts,
+        ),
         quotas=QuotaLimits(
             calls_per_user=config.http.max_calls_per_user,
             calls_per_ip=config.http.max_calls_per_ip,
@@ -215,6 +221,12 @@ async def _workers_and_calls(app: web.Application) -> AsyncIterator[None]:
         ) from None
     ports = ", ".join(str(w.sip_port) for w in pool.workers)
     logger.info("%d workers ready (SIP ports %s)", len(pool.workers), ports)
+    if config.sip.tls and not config.sip.tls_verify:
+        logger.warning(
+            "sip.tls_verify = false: the PBX's certificate is not checked, so anyone on "
+            "the path can pose as the PBX and read the calls%s",
+            " and their SRTP keys" if config.sip.srtp != "off" else "",
+        )
     yield
     manager.end_all(ending(End.SHUTDOWN))
     await pool.stop()

@@ -473,11 +473,13 @@ class CallManager(Generic[W]):
         prefer = next((c.worker for c in owned.live.values()), None)
         worker = self._pool.acquire(key, only, prefer)
         max_duration = grant.max_duration or 0.0 if grant is not None else 0.0
-        start = StartCall(key, sdp, decision.uri, account, max_duration, decision.headers + headers)
+        embedded = "embedded" in variables and f"@{variables['embedded']}" in decision.uri
+        start = StartCall(
+            key, sdp, decision.uri, account, max_duration, decision.headers + headers, embedded
+        )
         if not self._pool.send(worker, start):
             self._pool.release(worker, key)
             raise Refused(Refusal.WORKER_UNREACHABLE, "the gateway worker is restarting")
-        embedded = "embedded" in variables and f"@{variables['embedded']}" in decision.uri
         call = FrontCall(key, call_id, to, decision.uri, owner, worker, request_id, embedded)
         self._calls[key] = call
         owned.live[call_id] = call

@@ -79,6 +79,7 @@ def worker_params(config: Config, log_level: int) -> list[WorkerParams]:
             index=i,
             sip=sip,
             sip_port=sip.port + i if sip.port else 0,
+            tls_port=sip.tls_port + i if sip.tls_port else 0,
             rtp_port=sip.rtp_port + RTP_PORTS_PER_WORKER * i,
             rtp_port_range=RTP_PORTS_PER_WORKER,
             max_calls=config.workers.calls_per_worker,

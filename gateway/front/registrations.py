@@ -19,9 +19,11 @@ from gateway.ipc import Register, RegistrationChanged, ToWorker, Unregister
 
 logger = logging.getLogger(__name__)
 
-#: User accounts one worker holds: the wheel allows 8 pjsua accounts a process,
-#: and the worker's own identity takes one.
-ACCOUNTS_PER_WORKER = 7
+#: pjsua accounts one process may hold (PJSUA_MAX_ACC in the pjsua2 wheel).
+PJSUA_MAX_ACC = 8
+#: User accounts one worker holds: the worker's own identity takes one of the 8
+#: (two with ``sip.transport = "tls"``, see :attr:`SipConfig.own_accounts`).
+ACCOUNTS_PER_WORKER = PJSUA_MAX_ACC - 1
 
 
 class WorkerRef(Protocol):
@@ -88,8 +90,10 @@ class Registrations(Generic[W]):
         accounts: tuple[AccountConfig, ...],
         pool: Sender[W],
         workers: list[W],
+        per_worker: int = ACCOUNTS_PER_WORKER,
     ) -> None:
         self._registrar = registrar
+        self._per_worker = per_worker
         self._accounts = {a.user: a for a in accounts}
         self._pool = pool
         self._workers = workers
@@ -170,7 +174,7 @@ class Registrations(Generic[W]):
             index = registration.worker.index
             counts[index] = counts.get(index, 0) + 1
         ready = [w for w in self._workers if w.ready]
-        room = [w for w in ready if counts.get(w.index, 0) < ACCOUNTS_PER_WORKER]
+        room = [w for w in ready if counts.get(w.index, 0) < self._per_worker]
         if not room:
             raise RegistrationError(
                 "busy", "register: every gateway worker holds its maximum of registrations"

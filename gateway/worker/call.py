@@ -18,6 +18,7 @@ from collections.abc import Callable, Coroutine
 from enum import Enum
 from typing import Any
 
+from gateway.config import uri_transport
 from gateway.ipc import (
     AddCandidate,
     CallAccepted,
@@ -121,6 +122,7 @@ class BridgedCall:
         self._webrtc: WebRtcLeg | None = None
         self._uri = ""
         self._account = 0
+        self._local = False
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._media_up = False
         self._uplink_seen = (-1, 0.0)  # (frames pushed, when that count was first seen)
@@ -152,13 +154,17 @@ class BridgedCall:
             SipReleased: self._on_released_by_sip,
         }
 
-    async def start(self, offer_sdp: str, uri: str, account: int = 0) -> None:
+    async def start(self, offer_sdp: str, uri: str, account: int = 0, local: bool = False) -> None:
         """Answer the browser's offer; send the INVITE once ICE and DTLS are up.
 
         With ``calls.invite_after_ice = false`` the INVITE goes out right after
-        the answer and the set-up timeout runs alongside it.
+        the answer and the set-up timeout runs alongside it. ``local``: ``uri`` is
+        an embedded target (loopback UDP, no SRTP); any other URI goes to the PBX
+        over ``sip.transport``.
         """
-        self._uri, self._account = uri, account
+        self._local = local
+        self._uri = uri if local else self._params.sip.target_uri(uri)
+        self._account = account
         self._webrtc = WebRtcLeg(
             self._params.ice_servers,
             self._on_webrtc_lost,
@@ -210,6 +216,7 @@ class BridgedCall:
             self._bridge.to_sip,
             self._account,
             self.headers,
+            self._local,
         )
         target = udp_target(self._uri)
         if target is not None:
@@ -469,7 +476,15 @@ class BridgedCall:
             self._finish(ending(End.TRANSFERRED))
         elif self.state in _LIVE:
             answered = self.state is State.ANSWERED
-            self._finish(sip_disconnected(event.code, event.reason, answered=answered))
+            tls = not self._local and uri_transport(self._uri) == "tls"
+            self._finish(
+                sip_disconnected(
+                    event.code,
+                    event.reason,
+                    answered=answered,
+                    tls_failed=tls and event.transport_failed,
+                )
+            )
 
     def _on_failed(self, event: SipFailed) -> None:
         if self.state in _LIVE:

@@ -136,8 +136,9 @@ class Worker:
         # the front hang up and tell us, and stop alone only if it never does.
         loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
         self._send(WorkerReady(port))
+        tls = f", TLS on port {self._engine.tls_port}" if self._engine.tls_port else ""
         logger.info(
-            "worker %s ready, SIP on port %s (pid %s)", self._params.index, port, os.getpid()
+            "worker %s ready, SIP on port %s%s (pid %s)", self._params.index, port, tls, os.getpid()
         )
         try:
             while True:
@@ -166,7 +167,7 @@ class Worker:
         self._idle.clear()
         call.max_duration = message.max_duration
         call.headers = message.headers
-        self._spawn(call.start(message.offer_sdp, message.uri, message.account))
+        self._spawn(call.start(message.offer_sdp, message.uri, message.account, message.local))
 
     def _on_end_call(self, message: EndCall) -> None:
         call = self._calls.get(message.key)

@@ -24,6 +24,19 @@ registrar), as a desk phone on a PBX does; it can then place calls too::
         await phone.wait_registered()                # a 200 to its REGISTER
         await phone.call("sip:1003@sipgw.test")      # through the proxy
 
+With ``tls`` (:class:`PhoneTls`) it also listens for SIP over TLS on a port of its
+own (``tls_port``) with the certificate it is given, as a PBX's TLS listener
+does; ``srtp`` makes it offer and take SDES-keyed SRTP (``"mandatory"``: RTP/SAVP
+only, plain RTP is refused with 488)::
+
+    tls = PhoneTls(cert="phone.pem", key="phone.key")
+    async with PjsuaPhone(tmp_path, tls=tls, srtp="mandatory") as phone:
+        ...                                          # call sip:x@127.0.0.1:<tls_port>
+        incoming = await phone.wait_event("incoming")
+        assert incoming["transport"] == "TLS"        # the INVITE's top Via
+        media = await phone.wait_confirmed()
+        assert media.srtp.startswith("Active")       # pjsua's SRTP status
+
 The process (``python tests/peers/pjsua_phone.py --port 0 ...``) is driven by
 JSON lines on stdin and reports JSON lines on stdout.
 
@@ -44,11 +57,13 @@ Commands (``{"cmd": ..., "id": ...}``; every command gets one reply
     REGISTER again now, or unregister (``renew`` false: Expires 0).
 ``hangup``, ``status``, ``quit``.
 
-Events: ``ready`` (``port``), ``reg`` (``code``, ``reason``, ``expiration``: the
+Events: ``ready`` (``port``, ``tls_port``), ``reg`` (``code``, ``reason``, ``expiration``: the
 outcome of every REGISTER transaction, 0 expiration once unregistered),
-``incoming``, ``state``, ``confirmed``, ``dtmf`` (``digit``: one the far end sent), ``media``
+``incoming`` (``transport``: the protocol of the INVITE's top Via, ``UDP`` or
+``TLS``), ``state``, ``confirmed``, ``dtmf`` (``digit``: one the far end sent), ``media``
 (after every media change: the media status, pjsua's direction, the codec, the
-local RTP port and the last local and remote SDP: direction, port, codecs),
+local RTP port, pjsua's SRTP status and the last local and remote SDP:
+direction, port, codecs, profile, SDES crypto suites),
 ``reinvite``, ``disconnected`` (``code``, ``reason``), ``error``.
 
 pjsua2 is touched by the main thread only (``threadCnt = 0``,
@@ -105,11 +120,25 @@ def sdp_of(message: str) -> str:
     return body.strip()
 
 
-def sdp_audio(sdp: str) -> dict[str, Any] | None:
-    """Direction, port and codecs of the first ``m=audio`` of ``sdp`` (None without one).
+def via_transport(message: str) -> str:
+    """The transport of a SIP message's top Via (``UDP``, ``TLS``...), or ``""``."""
+    for line in message.replace("\r\n", "\n").split("\n")[1:]:
+        if not line.strip():
+            break
+        name, _, value = line.partition(":")
+        if name.strip().lower() in ("via", "v"):
+            protocol = value.strip().split(None, 1)[0] if value.strip() else ""
+            return protocol.rsplit("/", 1)[-1].upper()
+    return ""
 
-    The direction is the media-level attribute, else the session-level one,
-    else ``sendrecv`` (RFC 3264).
+
+def sdp_audio(sdp: str) -> dict[str, Any] | None:
+    """Direction, port, codecs, profile and keys of the first ``m=audio`` of ``sdp``.
+
+    ``None`` without one. The direction is the media-level attribute, else the
+    session-level one, else ``sendrecv`` (RFC 3264). ``proto`` is the transport
+    profile (``RTP/AVP``, ``RTP/SAVP``), ``crypto`` the suites of its SDES
+    ``a=crypto`` lines (RFC 4568), keys left out.
     """
     session_dir = "sendrecv"
     audio: dict[str, Any] | None = None
@@ -127,7 +156,8 @@ def sdp_audio(sdp: str) -> dict[str, Any] | None:
             if in_audio:
                 port = int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else 0
                 pts = [int(p) for p in fields[3:] if p.isdigit()]
-                audio = {"port": port}
+                proto = fields[2] if len(fields) > 2 else ""
+                audio = {"port": port, "proto": proto, "crypto": []}
             continue
         if line.startswith("a="):
             attr = line[2:]
@@ -136,6 +166,10 @@ def sdp_audio(sdp: str) -> dict[str, Any] | None:
                     session_dir = attr
                 elif in_audio:
                     media_dir = attr
+            elif in_audio and audio is not None and attr.startswith("crypto:"):
+                suite = attr[7:].split()
+                if len(suite) > 1:
+                    audio["crypto"].append(suite[1])
             elif in_audio and attr.startswith("rtpmap:"):
                 pt, _, rest = attr[7:].partition(" ")
                 if pt.isdigit():
@@ -221,6 +255,25 @@ class SipAccount:
 
 
 @dataclass(frozen=True)
+class PhoneTls:
+    """A TLS listener for the phone: its certificate chain and key (PEM files).
+
+    ``client_ca``: the phone asks the gateway for a client certificate and wants
+    one this CA signed (mutual TLS); empty: no client certificate asked for.
+    """
+
+    cert: str
+    key: str
+    client_ca: str = ""
+
+    def args(self) -> list[str]:
+        out = ["--tls-cert", self.cert, "--tls-key", self.key]
+        if self.client_ca:
+            out += ["--tls-client-ca", self.client_ca]
+        return out
+
+
+@dataclass(frozen=True)
 class Media:
     """One ``media`` snapshot of the phone's call (see :func:`_media_snapshot`)."""
 
@@ -264,6 +317,11 @@ class Media:
     def remote_codecs(self) -> list[str]:
         return list((self.raw.get("remote_sdp") or {}).get("codecs", []))
 
+    @property
+    def srtp(self) -> str:
+        """pjsua's SRTP status of the stream (``"Active Crypto-suite: ..."``), or ``""``."""
+        return str(self.raw.get("srtp", ""))
+
 
 @dataclass(frozen=True)
 class Heard:
@@ -284,7 +342,8 @@ class _Events:
 class PjsuaPhone:
     """The pjsua2 phone process on 127.0.0.1; an async context manager.
 
-    ``port`` is its SIP/UDP port once started; ``events`` every event it
+    ``port`` is its SIP/UDP port once started (``tls_port`` its SIP/TLS port,
+    with ``tls``); ``events`` every event it
     reported, in order. Leaving the context quits the phone (SIGKILL of its
     process group if it does not exit within 3 s); :meth:`kill` SIGKILLs it at
     once, as a phone that dies would.
@@ -302,6 +361,8 @@ class PjsuaPhone:
         rtp_span: int = 40,
         log_level: int = 4,
         account: SipAccount | None = None,
+        tls: PhoneTls | None = None,
+        srtp: str = "off",
     ) -> None:
         self.tone_hz = tone_hz
         self.ring = ring
@@ -311,6 +372,9 @@ class PjsuaPhone:
         self.rtp_span = rtp_span
         self.log_level = log_level
         self.account = account
+        self.tls = tls
+        self.srtp = srtp
+        self.tls_port = 0
         self.workdir = _make_workdir(Path(tmp_path))
         self.log_path = self.workdir / "pjsip.log"
         self.stderr_path = self.workdir / "stderr.txt"
@@ -347,6 +411,9 @@ class PjsuaPhone:
             *(["--ring"] if self.ring else []),
             *(["--early-media"] if self.early_media else []),
             *(self.account.args() if self.account else []),
+            *(self.tls.args() if self.tls else []),
+            "--srtp",
+            self.srtp,
         ]
 
     async def start(self) -> PjsuaPhone:
@@ -384,6 +451,7 @@ class PjsuaPhone:
         self._reader = asyncio.create_task(self._read(self._proc))
         ready = await self.wait_event("ready", timeout=_START_TIMEOUT_S)
         self.port = int(ready["port"])
+        self.tls_port = int(ready.get("tls_port", 0))
 
     async def _read(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
@@ -459,6 +527,10 @@ class PjsuaPhone:
 
     def uri(self, number: str | int) -> str:
         return f"sip:{number}@{HOST}:{self.port}"
+
+    def tls_uri(self, number: str | int) -> str:
+        """The phone's address over TLS (``;transport=tls``, its TLS port)."""
+        return f"sip:{number}@{HOST}:{self.tls_port};transport=tls"
 
     # -- events -----------------------------------------------------------------
 
@@ -877,6 +949,12 @@ def _run_phone(args: argparse.Namespace) -> int:
                 with contextlib.suppress(pj.Error):
                     tp = self.getMedTransportInfo(media.index)
                     snap["rtp_port"] = int(tp.localRtpName.rsplit(":", 1)[1])
+                # pjsua's call dump is where the SRTP transport's state shows:
+                # "SRTP status: Active Crypto-suite: AES_CM_128_HMAC_SHA1_80".
+                with contextlib.suppress(pj.Error):
+                    for line in self.dump(True, "").splitlines():
+                        if "SRTP status:" in line:
+                            snap["srtp"] = line.split("SRTP status:", 1)[1].strip()
                 break
             return snap
 
@@ -890,7 +968,13 @@ def _run_phone(args: argparse.Namespace) -> int:
             info = call.getInfo()
             remote = sdp_audio(sdp_of(prm.rdata.wholeMsg))
             call.remote_sdp = remote
-            emit("incoming", remote_uri=info.remoteUri, local_uri=info.localUri, remote_sdp=remote)
+            emit(
+                "incoming",
+                remote_uri=info.remoteUri,
+                local_uri=info.localUri,
+                remote_sdp=remote,
+                transport=via_transport(prm.rdata.wholeMsg),
+            )
             # Answered on the loop's next turn, outside this callback.
             phone.to_answer.append((time.monotonic() + args.answer_delay_ms / 1000, call))
 
@@ -926,11 +1010,28 @@ def _run_phone(args: argparse.Namespace) -> int:
     tcfg.port = args.port
     transport = ep.transportCreate(pj.PJSIP_TRANSPORT_UDP, tcfg)
     sip_port = int(ep.transportGetInfo(transport).localName.rsplit(":", 1)[1])
+    tls_port, tls_transport = 0, -1
+    if args.tls_cert:
+        tls_cfg = pj.TransportConfig()
+        tls_cfg.boundAddress = HOST
+        tls_cfg.publicAddress = HOST
+        tls_cfg.port = 0
+        tls_cfg.tlsConfig.certFile = args.tls_cert
+        tls_cfg.tlsConfig.privKeyFile = args.tls_key
+        tls_cfg.tlsConfig.method = pj.PJSIP_TLSV1_2_METHOD
+        tls_cfg.tlsConfig.proto = pj.PJ_SSL_SOCK_PROTO_TLS1_2
+        if args.tls_client_ca:
+            tls_cfg.tlsConfig.CaListFile = args.tls_client_ca
+            tls_cfg.tlsConfig.verifyClient = True
+            tls_cfg.tlsConfig.requireClientCert = True
+        tls_transport = ep.transportCreate(pj.PJSIP_TRANSPORT_TLS, tls_cfg)
+        tls_port = int(ep.transportGetInfo(tls_transport).localName.rsplit(":", 1)[1])
     ep.libStart()
 
     acfg = pj.AccountConfig()
     acfg.idUri = f"sip:phone@{HOST}:{sip_port}"
-    acfg.sipConfig.transportId = transport
+    # With TLS the account is the TLS listener's (its Contact names the TLS port).
+    acfg.sipConfig.transportId = tls_transport if args.tls_cert else transport
     if args.registrar:
         domain = args.domain or args.registrar.split(":", 1)[1].split(";")[0]
         acfg.idUri = f"sip:{args.user}@{domain}"
@@ -947,6 +1048,17 @@ def _run_phone(args: argparse.Namespace) -> int:
     acfg.mediaConfig.transportConfig.port = args.rtp_port
     acfg.mediaConfig.transportConfig.portRange = args.rtp_range
     acfg.mediaConfig.lockCodecEnabled = False
+    acfg.mediaConfig.srtpUse = {
+        "off": pj.PJMEDIA_SRTP_DISABLED,
+        "optional": pj.PJMEDIA_SRTP_OPTIONAL,
+        "mandatory": pj.PJMEDIA_SRTP_MANDATORY,
+    }[args.srtp]
+    # The phone takes SDES keys over any transport: which transport carries them
+    # is the gateway's business, and what the tests check.
+    acfg.mediaConfig.srtpSecureSignaling = 0
+    keyings = pj.IntVector()
+    keyings.append(pj.PJMEDIA_SRTP_KEYING_SDES)
+    acfg.mediaConfig.srtpOpt.keyings = keyings
     account = phone.account = PhoneAccount()
     account.create(acfg, True)
 
@@ -1083,7 +1195,14 @@ def _run_phone(args: argparse.Namespace) -> int:
             op.statusCode = 200
             call.answer(op)
 
-    emit("ready", port=sip_port, rtp_port=args.rtp_port, rtp_range=args.rtp_range, pid=os.getpid())
+    emit(
+        "ready",
+        port=sip_port,
+        tls_port=tls_port,
+        rtp_port=args.rtp_port,
+        rtp_range=args.rtp_range,
+        pid=os.getpid(),
+    )
 
     # ---- the loop -------------------------------------------------------------------
     def report_changes() -> None:
@@ -1182,6 +1301,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-proxy", action="store_true", help="no outbound proxy")
     ap.add_argument("--reg-expires", type=int, default=300, help="Expires asked for")
     ap.add_argument("--reg-retry", type=int, default=60, help="seconds between failed REGISTERs")
+    ap.add_argument("--tls-cert", default="", help="listen for SIP over TLS with this cert (PEM)")
+    ap.add_argument("--tls-key", default="", help="the private key of --tls-cert (PEM)")
+    ap.add_argument("--tls-client-ca", default="", help="require a client cert this CA signed")
+    ap.add_argument(
+        "--srtp", choices=("off", "optional", "mandatory"), default="off", help="SDES SRTP use"
+    )
     args = ap.parse_args(argv)
     for name in args.codecs.split(","):
         if name not in CODEC_IDS:

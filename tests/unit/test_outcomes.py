@@ -83,6 +83,20 @@ CASES = [
         "transport_error",
     ),
     (
+        "tls",
+        sip_disconnected(
+            503,
+            "SSL certificate verification error (PJSIP_TLS_ECERTVERIF)",
+            answered=False,
+            tls_failed=True,
+        ),
+        503,
+        "TLS connection to the SIP target failed: SSL certificate verification error "
+        "(PJSIP_TLS_ECERTVERIF)",
+        "gateway",
+        "tls_failed",
+    ),
+    (
         "too-many",
         place_failed(PJ_ETOOMANY, "Too many objects"),
         503,

@@ -29,6 +29,7 @@ from typing import Any
 
 import pjsua2 as pj
 
+from gateway.config import SipConfig
 from gateway.ipc import Dialog, WorkerParams
 from gateway.limits import SlidingWindow
 from gateway.outcomes import place_failed
@@ -75,6 +76,16 @@ _TIMER_USE = {
     "always": pj.PJSUA_SIP_TIMER_ALWAYS,
 }
 
+#: ``sip.srtp`` values as pjsua knows them.
+_SRTP_USE = {
+    "off": pj.PJMEDIA_SRTP_DISABLED,
+    "optional": pj.PJMEDIA_SRTP_OPTIONAL,
+    "mandatory": pj.PJMEDIA_SRTP_MANDATORY,
+}
+#: ``AccountMediaConfig.srtpSecureSignaling``: SRTP only when the hop that carries
+#: the SDP (and so its SDES keys) is TLS (pjsua's 2 would want sips: end to end).
+_SECURE_HOP = 1
+
 #: Media states in which the call's conference port carries audio to or from us.
 _CONNECTED_STATES = (pj.PJSUA_CALL_MEDIA_ACTIVE, pj.PJSUA_CALL_MEDIA_REMOTE_HOLD)
 
@@ -94,6 +105,8 @@ class _MakeCall:
     to_sip: FrameBuffer
     account: int = 0
     headers: tuple[tuple[str, str], ...] = ()
+    #: An embedded target: the loopback account (UDP, no SRTP).
+    local: bool = False
 
 
 @dataclass(frozen=True)
@@ -226,6 +239,42 @@ def create_endpoint(
     bound_port = int(local_name.rsplit(":", 1)[1])
     endpoint.libStart()
     return endpoint, transport_id, bound_port
+
+
+def create_tls_transport(endpoint: Any, sip: SipConfig, port: int, where: str) -> tuple[int, int]:
+    """Open the SIP/TLS transport on ``sip.bind``; returns its id and bound port.
+
+    Its settings serve both ways: the connections the worker opens to the PBX
+    (checked against ``sip.tls_ca`` when ``sip.tls_verify``; ``sip.tls_cert``
+    shown when asked) and the ones a PBX opens to it. TLS 1.2 only: the wheel's
+    OpenSSL 1.0.2k has nothing newer, and TLS 1.0/1.1 are deprecated (RFC 8996).
+    """
+    config = pj.TransportConfig()
+    config.port = port
+    config.boundAddress = sip.bind
+    tls = config.tlsConfig
+    tls.CaListFile = sip.tls_ca
+    tls.certFile = sip.tls_cert
+    tls.privKeyFile = sip.tls_key
+    tls.method = pj.PJSIP_TLSV1_2_METHOD
+    tls.proto = pj.PJ_SSL_SOCK_PROTO_TLS1_2
+    # verifyServer checks the chain and that the certificate names the host of
+    # the URI dialled (subjectAltName DNS or IP, else the CN); a failure ends the
+    # call with 503 before anything is sent.
+    tls.verifyServer = sip.tls_verify
+    # A PBX connecting to us (requests to a registered user) is not asked for a
+    # certificate: it is authenticated as any other peer (sip.trusted_peers).
+    tls.verifyClient = False
+    tls.requireClientCert = False
+    try:
+        with _quiet(sip.log_level < 4):
+            transport_id = endpoint.transportCreate(pj.PJSIP_TRANSPORT_TLS, config)
+    except pj.Error as exc:
+        raise SipStartError(
+            f"{where}: cannot listen for SIP on TLS {sip.bind}:{port or 'any'}: {exc.reason}"
+        ) from None
+    local_name = endpoint.transportGetInfo(transport_id).localName
+    return transport_id, int(local_name.rsplit(":", 1)[1])
 
 
 def set_codecs(endpoint: Any, codecs: tuple[str, ...]) -> None:
@@ -362,8 +411,15 @@ class _SipCall(pj.Call):  # type: ignore[misc]
         elif state == pj.PJSIP_INV_STATE_DISCONNECTED:
             self.slot = self.getId()
             self.disconnected = True
+            event = prm.e
+            failed = (
+                event.type == pj.PJSIP_EVENT_TSX_STATE
+                and event.body.tsxState.type == pj.PJSIP_EVENT_TRANSPORT_ERROR
+            )
             self.engine.emit(
-                SipDisconnected(self.key, info.lastStatusCode, info.lastReason, self.replaced)
+                SipDisconnected(
+                    self.key, info.lastStatusCode, info.lastReason, self.replaced, failed
+                )
             )
 
     def onCallTsxState(self, prm: Any) -> None:
@@ -542,8 +598,15 @@ class SipEngine:
         self._incoming_count = 0
         self._invites = SlidingWindow(INCOMING_PER_SECOND, 1.0)
         self._transport_id = -1
+        #: The transport of the PBX's account and the users' (TLS or the UDP one).
+        self._pbx_transport_id = -1
         self._sip_port = 0
+        #: The SIP/TLS port, with ``sip.transport = "tls"`` (0 otherwise).
+        self.tls_port = 0
         self._account: Any = None
+        #: Calls to the embedded targets: ``_account`` itself, or with TLS an account
+        #: of its own on the UDP transport without SRTP.
+        self._local_account: Any = None
         self._guard: RequestGuard | None = None
         self._calls: dict[int, _SipCall] = {}
         #: Ended calls whose pjsua slot is still taken, as (key, pjsua call id).
@@ -584,12 +647,14 @@ class SipEngine:
         to_sip: FrameBuffer,
         account: int = 0,
         headers: tuple[tuple[str, str], ...] = (),
+        local: bool = False,
     ) -> None:
         """Queue an INVITE to ``uri``; its audio goes to ``from_sip``, comes from ``to_sip``.
 
         ``account``: a registration's account to call from (0: the worker's own).
+        ``local``: ``uri`` is an embedded target (the loopback account: UDP, no SRTP).
         """
-        self._commands.put(_MakeCall(key, uri, from_sip, to_sip, account, headers))
+        self._commands.put(_MakeCall(key, uri, from_sip, to_sip, account, headers, local))
 
     def hangup(self, key: int, code: int = 0) -> None:
         """Queue a CANCEL or BYE for call ``key`` (no-op when it is already over).
@@ -647,6 +712,14 @@ class SipEngine:
             endpoint, transport_id, port = create_endpoint(
                 sip.bind, params.sip_port, sip.log_level, params.max_calls, "sipgw", where
             )
+            pbx_transport_id = transport_id
+            if sip.tls:
+                tls_where = f"sip.bind = {sip.bind!r}, sip.tls_port = {sip.tls_port}"
+                if sip.tls_port:
+                    tls_where += f" (worker {params.index} uses {params.tls_port})"
+                pbx_transport_id, self.tls_port = create_tls_transport(
+                    endpoint, sip, params.tls_port, tls_where
+                )
             trusted = (
                 TrustedPeers.parse(params.trusted_peers, sip.untrusted_answer)
                 if params.trusted_peers
@@ -654,7 +727,7 @@ class SipEngine:
             )
             self._guard = RequestGuard(self._policy, trusted)
             set_codecs(endpoint, sip.codecs)
-            self._create_account(transport_id, port)
+            self._create_account(transport_id, pbx_transport_id, port)
             self._ports = PortPool(params.max_calls)
         except pj.Error as exc:
             self._fail_start(SipStartError(f"SIP stack failed to start: {exc.info()}"))
@@ -668,11 +741,22 @@ class SipEngine:
         finally:
             self._shutdown(endpoint)
 
-    def _account_config(self, transport_id: int) -> Any:
-        """What every account of the worker shares: transport, RTP ports, codecs, timers."""
+    def _account_config(self, transport_id: int, pbx: bool = True) -> Any:
+        """What every account of the worker shares: transport, RTP ports, codecs, timers.
+
+        ``pbx``: the account reaches the PBX, with ``sip.srtp``; the embedded
+        targets' account never uses SRTP (loopback, and it has no TLS to carry keys).
+        """
         sip, params = self.params.sip, self.params
         config = pj.AccountConfig()
         config.sipConfig.transportId = transport_id
+        srtp = sip.srtp if pbx else "off"
+        config.mediaConfig.srtpUse = _SRTP_USE[srtp]
+        config.mediaConfig.srtpSecureSignaling = _SECURE_HOP if srtp != "off" else 0
+        keyings = pj.IntVector()
+        if srtp != "off":
+            keyings.append(pj.PJMEDIA_SRTP_KEYING_SDES)  # no DTLS-SRTP on the SIP leg
+        config.mediaConfig.srtpOpt.keyings = keyings
         config.mediaConfig.transportConfig.port = params.rtp_port
         config.mediaConfig.transportConfig.portRange = params.rtp_port_range
         config.mediaConfig.transportConfig.boundAddress = sip.bind
@@ -686,13 +770,26 @@ class SipEngine:
         config.callConfig.timerMinSESec = sip.min_se
         return config
 
-    def _create_account(self, transport_id: int, port: int) -> None:
-        """The worker's SIP identity, held only by the engine (deleted before libDestroy)."""
+    def _create_account(self, transport_id: int, pbx_transport_id: int, port: int) -> None:
+        """The worker's SIP identity, held only by the engine (deleted before libDestroy).
+
+        Bound to the TLS transport with ``sip.transport = "tls"``, so that nothing
+        it sends can go out over UDP; the embedded targets then get an account of
+        their own on the UDP transport.
+        """
         self._transport_id, self._sip_port = transport_id, port
-        config = self._account_config(transport_id)
-        config.idUri = f"sip:{self.params.sip.user}@{self.params.sip.bind}:{port}"
+        self._pbx_transport_id = pbx_transport_id
+        id_uri = f"sip:{self.params.sip.user}@{self.params.sip.bind}:{port}"
+        config = self._account_config(pbx_transport_id)
+        config.idUri = id_uri
         self._account = _Account()
         self._account.create(config, True)
+        self._local_account = self._account
+        if pbx_transport_id != transport_id:
+            config = self._account_config(transport_id, pbx=False)
+            config.idUri = id_uri
+            self._local_account = _Account()
+            self._local_account.create(config, False)
 
     def _fail_start(self, exc: BaseException) -> None:
         self._loop.call_soon_threadsafe(_reject, self._started, exc)
@@ -743,12 +840,13 @@ class SipEngine:
     def _register(self, command: _Register) -> None:
         registrar = self.params.registrar
         domain = registrar.realm_domain
-        config = self._account_config(self._transport_id)
+        config = self._account_config(self._pbx_transport_id)
         aor = f"sip:{command.user}@{domain}"
         config.idUri = f'"{command.display_name}" <{aor}>' if command.display_name else aor
-        config.regConfig.registrarUri = registrar.uri
+        registrar_uri = self.params.sip.target_uri(registrar.uri)
+        config.regConfig.registrarUri = registrar_uri
         # Everything the user sends goes through the PBX, as from a desk phone.
-        config.sipConfig.proxies.append(registrar.uri + ";lr")
+        config.sipConfig.proxies.append(registrar_uri + ";lr")
         config.regConfig.timeoutSec = registrar.expires
         # A failed registration is the browser's to retry (a wrong password must
         # not be tried again and again).
@@ -832,7 +930,10 @@ class SipEngine:
                 self.emit(SipMediaTimeout(call.key, timeout))
 
     def _make_call(self, command: _MakeCall) -> None:
-        account = self._accounts.get(command.account, self._account)
+        if command.local:
+            account = self._local_account
+        else:
+            account = self._accounts.get(command.account, self._account)
         call = _SipCall(self, account, command.key, (command.from_sip, command.to_sip))
         self._calls[command.key] = call
         if call.port is None:  # cannot happen while calls <= max_calls; be safe
@@ -975,7 +1076,12 @@ class SipEngine:
         return set(ids[: count.value])
 
     def _refuse_unwanted(self) -> None:
-        unwanted = self._account.unwanted
+        self._refuse_unwanted_of(self._account)
+        if self._local_account is not self._account:
+            self._refuse_unwanted_of(self._local_account)
+
+    def _refuse_unwanted_of(self, account: _Account) -> None:
+        unwanted = account.unwanted
         if not unwanted:
             return
         for call in unwanted:
@@ -1053,12 +1159,13 @@ class SipEngine:
             except pj.Error:
                 pass
         self._accounts.clear()
-        self._account.unwanted.clear()
-        try:
-            self._account.shutdown()
-        except pj.Error:
-            pass
-        self._account = None
+        for own in {id(a): a for a in (self._local_account, self._account) if a}.values():
+            own.unwanted.clear()
+            try:
+                own.shutdown()
+            except pj.Error:
+                pass
+        self._account = self._local_account = None
 
 
 def split_name_addr(value: str) -> tuple[str, str]:

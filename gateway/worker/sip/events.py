@@ -38,12 +38,15 @@ class SipDisconnected:
 
     ``replaced``: an attended transfer handed this call on (its far end got an
     INVITE with Replaces for it), so the BYE that ends it is the transfer's.
+    ``transport_failed``: the INVITE transaction ended on a transport error (no
+    response came; pjsip made up the code and reason).
     """
 
     key: int
     code: int
     reason: str
     replaced: bool = False
+    transport_failed: bool = False
 
 
 @dataclass(frozen=True)
