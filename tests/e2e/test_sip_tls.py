@@ -18,6 +18,7 @@ It dials ``sipp<port>`` as ``sip:phone@127.0.0.1:<port>;transport=tls``.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,8 +26,10 @@ from pathlib import Path
 import pytest
 from peers.certs import Issued, TestCa
 from peers.gateway import Gateway, free_port, make_config, start_gateway, stop_gateway
+from peers.kamailio import Kamailio
 from peers.pjsua_phone import PhoneTls, PjsuaPhone
 from peers.webclient import WebClient
+from test_register import PBX_RULE, USERS, caller, registered
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -193,3 +196,67 @@ async def test_without_verification_the_untrusted_certificate_is_taken_and_logge
             await phone.wait_disconnected()
     finally:
         stop_gateway(gw)
+
+
+async def test_registration_and_calls_both_ways_through_a_tls_registrar(pki, tmp_path):
+    """The browser as extension 1001 of a PBX reached over TLS only (Kamailio's TLS
+    socket): its REGISTER, its call to 1002 and 1002's call to it all travel over
+    TLS between the gateway and the PBX; the phone 1002 is on the PBX's UDP side."""
+    async with Kamailio(tmp_path, USERS, tls=pki.phone) as kam:
+        port = free_port()
+        settings: dict[str, dict[str, object]] = {
+            "sip": {
+                "transport": "tls",
+                "tls_ca": str(pki.ca.cert),
+                # Kamailio reaches the registered contact on the worker's TLS port,
+                # where the worker shows this certificate.
+                "tls_cert": str(pki.gateway.cert),
+                "tls_key": str(pki.gateway.key),
+            },
+            "registrar": {"uri": kam.registrar_tls, "domain": kam.realm},
+        }
+        text = make_config(port, workers=1, settings=settings) + PBX_RULE
+        gw = await asyncio.to_thread(start_gateway, tmp_path, text, http_port=port)
+        try:
+            await asyncio.to_thread(gw.wait_ready, workers=1)
+            async with WebClient(gw.url) as client, caller(tmp_path, kam) as phone:
+                await registered(client)
+                log = kam.log()
+                assert log.replies("REGISTER", "1001") == [401, 200]
+                assert {m.proto for m in log.received("REGISTER", "1001")} == {"tls"}, log
+                contacts = await kam.contacts("1001")
+                assert [";transport=tls" in c.uri.lower() for c in contacts] == [True], contacts
+
+                # 1002 calls the browser: Kamailio brings the INVITE over TLS.
+                await phone.call(f"sip:1001@{kam.realm}")
+                incoming = await client.wait_message(lambda m: m["type"] == "incoming", 10)
+                call = await client.accept(incoming, tone_hz=BROWSER_HZ)
+                accepted = await client.wait_event(call, ("accepted", "hangup"), 10)
+                assert accepted["type"] == "accepted", accepted
+                await phone.wait_confirmed()
+                await tones_both_ways(call, phone)
+                invites = kam.log().forwarded("INVITE", "1001")
+                assert invites and {m.proto for m in invites} == {"tls"}, invites
+                await client.hangup(call.call_id)
+                await phone.wait_disconnected()
+
+                # The browser calls 1002: the INVITE leaves over TLS, with a digest.
+                out = await client.establish("out", "1002", tone_hz=BROWSER_HZ)
+                accepted = await client.wait_event(out, ("accepted", "hangup"), 15)
+                assert accepted["type"] == "accepted", accepted
+                await tones_both_ways(out, phone)
+                log = kam.log()
+                sent = [m for m in log.received("INVITE") if m.from_user == "1001"]
+                assert sent and {m.proto for m in sent} == {"tls"}, sent
+                assert log.replies("INVITE", "1001")[-2:] == [407, 200], log.describe()[-3000:]
+                await client.hangup("out")
+                await phone.wait_disconnected()
+        finally:
+            await asyncio.to_thread(stop_gateway, gw)
+
+
+async def tones_both_ways(call, phone: PjsuaPhone) -> None:
+    heard_by_browser = await call.wait_for_tone(PHONE_HZ, 8.0, min_rms=MIN_RMS)
+    heard_by_phone = await phone.wait_for_tone(BROWSER_HZ, 8.0, min_rms=MIN_RMS)
+    assert abs(heard_by_browser.hz - PHONE_HZ) <= 10, heard_by_browser
+    assert abs(heard_by_phone.hz - BROWSER_HZ) <= 10, heard_by_phone

@@ -45,7 +45,8 @@ file, runtime directory, JSON-RPC socket and config in its work directory (or a
 private directory in /tmp if that path is too long for a socket); nothing else is
 written. Leaving the context stops it; if the test process dies, the kernel sends
 its main process SIGTERM (``PR_SET_PDEATHSIG``), which ends its children, and an
-``atexit`` hook SIGKILLs the process group. UDP on 127.0.0.1 only.
+``atexit`` hook SIGKILLs the process group. UDP on 127.0.0.1, and TLS there too
+when given a certificate (``tls=``; Debian's ``kamailio-tls-modules``).
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from peers.certs import Issued
 from peers.sipp import free_udp_port
 
 HOST = "127.0.0.1"
@@ -139,6 +141,8 @@ class SipMessage:
     headers: tuple[tuple[str, str], ...]
     body: str
     text: str = dataclasses.field(repr=False)
+    #: the transport it came or went on: "udp", "tls" ("" when not known)
+    proto: str = ""
 
     def header(self, name: str) -> str:
         """The first value of header ``name`` ("" if absent)."""
@@ -197,7 +201,9 @@ class SipMessage:
         return (self.direction, self.summary, self.call_id, self.cseq, self.branch, self.dst)
 
 
-def parse_sip(text: str, direction: str = "in", src: str = "", dst: str = "") -> SipMessage | None:
+def parse_sip(
+    text: str, direction: str = "in", src: str = "", dst: str = "", proto: str = ""
+) -> SipMessage | None:
     """One SIP message from its text (None if the start line is not SIP)."""
     head, _, body = text.replace("\r\n", "\n").partition("\n\n")
     lines = head.split("\n")
@@ -222,7 +228,9 @@ def parse_sip(text: str, direction: str = "in", src: str = "", dst: str = "") ->
         if sep:
             key = name.strip().lower()
             headers.append((_COMPACT.get(key, key), value.strip()))
-    return SipMessage(direction, src, dst, method, status, reason, ruri, tuple(headers), body, text)
+    return SipMessage(
+        direction, src, dst, method, status, reason, ruri, tuple(headers), body, text, proto
+    )
 
 
 @dataclass(frozen=True)
@@ -357,14 +365,15 @@ def _parse_line(line: str) -> SipMessage | Decision | None:
         parts = line[at:].rstrip("\r\n").split("\t")
         if len(parts) != 7:
             return None
-        _, tag, src, dst, _proto, length, data = parts
+        _, tag, src, dst, proto, length, data = parts
         try:
             raw = base64.b64decode(data, validate=True)
         except ValueError:
             return None
         if length.isdigit() and len(raw) != int(length):
             return None  # cut short (a line longer than the log could write whole)
-        return parse_sip(raw.decode("utf-8", "replace"), "in" if tag == "rcv" else "out", src, dst)
+        direction = "in" if tag == "rcv" else "out"
+        return parse_sip(raw.decode("utf-8", "replace"), direction, src, dst, proto.lower())
     at = line.find(_MARK + "\t")
     if at >= 0:
         parts = line[at:].rstrip("\r\n").split("\t")
@@ -408,7 +417,7 @@ debug=@DEBUG@
 log_stderror=yes
 fork=yes
 children=@CHILDREN@
-disable_tcp=yes
+@TCP@
 disable_sctp=yes
 auto_aliases=no
 dns=no
@@ -416,7 +425,7 @@ rev_dns=no
 use_dns_cache=off
 dns_try_ipv6=no
 listen=udp:127.0.0.1:@PORT@
-alias="@REALM@"
+@TLS_LISTEN@alias="@REALM@"
 alias="127.0.0.1:@PORT@"
 server_header="Server: sipgw-test-kamailio"
 user_agent_header="User-Agent: sipgw-test-kamailio"
@@ -439,7 +448,7 @@ loadmodule "xlog.so"
 loadmodule "auth.so"
 loadmodule "htable.so"
 loadmodule "sipdump.so"
-
+@TLS_MODULE@
 modparam("jsonrpcs", "transport", 4)
 modparam("jsonrpcs", "dgram_socket", "@RPC_SOCKET@")
 modparam("xlog", "buf_size", 65536)
@@ -592,6 +601,20 @@ route[RELAY] {
 }
 """
 
+#: With ``tls``: TCP on (TLS runs over it) but only the TLS socket listens; TLS 1.2
+#: (the pjsua2 wheel's OpenSSL 1.0.2k has no 1.3), no client certificates asked
+#: for, and none checked when Kamailio connects to a registered contact.
+_TLS_CORE = """disable_tcp=no
+enable_tls=yes
+tcp_children=2"""
+_TLS_MODULE = """loadmodule "tls.so"
+modparam("tls", "certificate", "%s")
+modparam("tls", "private_key", "%s")
+modparam("tls", "tls_method", "TLSv1.2+")
+modparam("tls", "verify_certificate", 0)
+modparam("tls", "require_certificate", 0)
+"""
+
 _DECIDE_RE = re.compile(r"^(\s*)decide\((\w+), (.*)\);$", re.MULTILINE)
 
 
@@ -609,12 +632,18 @@ def render_config(
     ring_timeout: float,
     children: int,
     debug: int,
+    tls_port: int = 0,
+    tls: Issued | None = None,
 ) -> str:
     """The kamailio.cfg text (see the module docstring for what it does)."""
     init = [f'    $sht(users=>{user}) = "{password}";' for user, password in users.items()]
     init += [f"    $sht(trusted=>{source}) = 1;" for source in trusted]
     values = {
         "PORT": str(port),
+        "TLS_PORT": str(tls_port),
+        "TCP": "disable_tcp=yes" if tls is None else _TLS_CORE,
+        "TLS_LISTEN": "" if tls is None else f"listen=tls:127.0.0.1:{tls_port}\n",
+        "TLS_MODULE": "" if tls is None else _TLS_MODULE % (tls.cert, tls.key),
         "REALM": realm,
         "MODULES": MODULES_DIR,
         "RPC_SOCKET": rpc_socket,
@@ -698,6 +727,19 @@ def _udp_bound(port: int) -> bool:
     return any(line.split()[1:2] == [want] for line in text.splitlines()[1:])
 
 
+def _free_tcp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def _tcp_listening(port: int) -> bool:
+    """Something accepts TCP connections on 127.0.0.1:port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.2)
+        return s.connect_ex((HOST, port)) == 0
+
+
 def _tail(path: Path, chars: int = 3000) -> str:
     try:
         return path.read_text(errors="replace")[-chars:]
@@ -715,10 +757,13 @@ class Kamailio:
     (seconds; ``max_expires=10`` makes every UA refresh within 10 s).
     ``bad_auth``: 401 (challenge again, Kamailio's default) or 403 for a wrong
     password or an unknown user. ``ring_timeout``: seconds an INVITE may go
-    unanswered before Kamailio ends it with 408.
+    unanswered before Kamailio ends it with 408. ``tls``: a certificate and key
+    (:mod:`peers.certs`) for a second, TLS socket (``tls_port``, URI
+    :attr:`registrar_tls`) next to the UDP one; contacts registered over TLS
+    are reached over TLS (Kamailio does not check their certificates).
 
-    Attributes once started: ``port``, ``pid``, ``workdir`` (config, log),
-    ``log_path``.
+    Attributes once started: ``port``, ``tls_port`` (0 without ``tls``), ``pid``,
+    ``workdir`` (config, log), ``log_path``.
     """
 
     def __init__(
@@ -736,6 +781,7 @@ class Kamailio:
         children: int = 2,
         debug: int = 2,
         shm_mb: int = 32,
+        tls: Issued | None = None,
     ) -> None:
         binary = shutil.which("kamailio") or shutil.which("kamailio", path="/usr/sbin:/sbin")
         if binary is None:
@@ -771,6 +817,8 @@ class Kamailio:
         self.children = int(children)
         self.debug = int(debug)
         self.shm_mb = int(shm_mb)
+        self.tls = tls
+        self.tls_port = 0
         self.workdir = _make_workdir(Path(tmp_path))
         self.config_path = self.workdir / "kamailio.cfg"
         self.log_path = self.workdir / "kamailio.log"
@@ -823,6 +871,8 @@ class Kamailio:
             ring_timeout=self.ring_timeout,
             children=self.children,
             debug=self.debug,
+            tls_port=self.tls_port,
+            tls=self.tls,
         )
 
     async def start(self) -> Kamailio:
@@ -834,6 +884,8 @@ class Kamailio:
         last: Exception | None = None
         for _ in range(3):  # the port may be taken between picking and binding
             self.port = free_udp_port()
+            if self.tls is not None:
+                self.tls_port = _free_tcp_port()
             self.config_path.write_text(self.render())
             try:
                 await self._spawn()
@@ -863,7 +915,11 @@ class Kamailio:
         while True:
             if self._proc.returncode is not None:
                 raise KamailioError(self._failure(f"kamailio exited ({self._proc.returncode})"))
-            if _udp_bound(self.port) and self.rpc_path.exists():
+            if (
+                _udp_bound(self.port)
+                and (self.tls is None or _tcp_listening(self.tls_port))
+                and self.rpc_path.exists()
+            ):
                 with contextlib.suppress(KamailioError, OSError, TimeoutError):
                     await self.rpc("core.version", timeout=0.5)
                     return
@@ -948,6 +1004,11 @@ class Kamailio:
     def registrar(self) -> str:
         """The registrar's (and outbound proxy's) URI: ``sip:127.0.0.1:<port>``."""
         return f"sip:{HOST}:{self.port}"
+
+    @property
+    def registrar_tls(self) -> str:
+        """The registrar's URI on its TLS socket (with ``tls``): ``sip:127.0.0.1:<tls_port>``."""
+        return f"sip:{HOST}:{self.tls_port}"
 
     @property
     def proxy(self) -> str:
