@@ -31,7 +31,7 @@ from gateway.outcomes import End, ending
 from .auth import ClientAddress, ConnectionCounter, OriginPolicy, TokenVerifier, loopback_peer
 from .calls import CallManager
 from .metrics import Metrics
-from .orphans import Orphans
+from .orphans import Orphans, client_context
 from .pool import StartupError, WorkerHandle, WorkerPool, worker_params
 from .quotas import QuotaLimits
 from .registrations import PJSUA_MAX_ACC, Registrations
@@ -183,7 +183,7 @@ async def _workers_and_calls(app: web.Application) -> AsyncIterator[None]:
         config.workers.restart_delay,
         config.workers.max_setups_per_second,
     )
-    orphans = Orphans(config.sip.bind)
+    orphans = Orphans(config.sip.bind, client_context(config.sip))
     manager = CallManager(
         pool,
         config.rules,

@@ -7,7 +7,12 @@ the front sends the BYE or CANCEL itself over UDP from ``sip.bind``, and
 retransmits it (RFC 3261 timer E: 0.5, 1, 2, 4 s) until a final response.
 The request comes from another port than the dead worker's; SIP matches
 in-dialog requests and CANCELs by Call-ID, tags and branch, not by port.
-Only a UDP next hop is supported, like the workers themselves.
+
+A next hop over TLS (``;transport=tls`` in its URI, or ``sips:``, as with
+``sip.transport = "tls"``) gets the request on a TLS connection of its own,
+opened with the workers' settings (``sip.tls_ca``, ``tls_verify``,
+``tls_cert``): the worker's connection died with it. TLS is reliable, so the
+request is sent once and its final response awaited (timer F, shortened).
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ import asyncio
 import ipaddress
 import logging
 import secrets
+import ssl
 from dataclasses import dataclass
 
+from gateway.config import SipConfig
 from gateway.ipc import Dialog
 from gateway.outcomes import Ending
 
@@ -25,25 +32,48 @@ logger = logging.getLogger(__name__)
 
 #: Retransmission intervals, seconds (timer E doubling from T1 = 0.5 s).
 RETRANSMITS = (0.5, 1.0, 2.0, 4.0)
+#: How long a request sent over TLS waits for its final response, seconds.
+TLS_ANSWER_WAIT = sum(RETRANSMITS)
 
 
 @dataclass(frozen=True)
 class Hop:
     host: str
     port: int
+    tls: bool = False
 
 
 def next_hop(uri: str) -> Hop:
-    """Where a request to ``uri`` goes: the URI's host and port (5060 if none)."""
-    rest = uri.split(":", 1)[1] if ":" in uri else uri
-    rest = rest.split(";", 1)[0].split("?", 1)[0]
+    """Where a request to ``uri`` goes: the URI's host and port (5060, or 5061 over
+    TLS, if none), over TLS for ``sips:`` or ``;transport=tls``."""
+    scheme, _, rest = uri.partition(":") if ":" in uri else ("sip", "", uri)
+    rest, _, params = rest.split("?", 1)[0].partition(";")
+    tls = scheme.strip().lower() == "sips" or any(
+        p.strip().lower() == "transport=tls" for p in params.split(";")
+    )
     hostport = rest.rsplit("@", 1)[-1]
     if hostport.startswith("["):
         host, _, tail = hostport[1:].partition("]")
         port = tail[1:] if tail.startswith(":") else ""
     else:
         host, _, port = hostport.partition(":")
-    return Hop(host, int(port) if port.isdigit() else 5060)
+    return Hop(host, int(port) if port.isdigit() else (5061 if tls else 5060), tls)
+
+
+def client_context(sip: SipConfig) -> ssl.SSLContext | None:
+    """The TLS client settings the workers use towards the PBX (None over UDP)."""
+    if not sip.tls:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if sip.tls_verify:
+        context.load_verify_locations(cafile=sip.tls_ca)
+    else:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if sip.tls_cert:
+        context.load_cert_chain(sip.tls_cert, sip.tls_key)
+    return context
 
 
 def _uri(value: str) -> str:
@@ -64,12 +94,14 @@ def invite_destination(dialog: Dialog) -> Hop:
     return next_hop(dialog.request_uri)
 
 
-def bye(dialog: Dialog, host: str, port: int, branch: str, why: Ending) -> bytes:
+def bye(
+    dialog: Dialog, host: str, port: int, branch: str, why: Ending, transport: str = "UDP"
+) -> bytes:
     """A BYE in ``dialog`` from ``host:port``, saying why in a Reason header."""
     sent_by = f"[{host}]" if ":" in host else host
     lines = [
         f"BYE {dialog.remote_target} SIP/2.0",
-        f"Via: SIP/2.0/UDP {sent_by}:{port};rport;branch={branch}",
+        f"Via: SIP/2.0/{transport} {sent_by}:{port};rport;branch={branch}",
         "Max-Forwards: 70",
         *(f"Route: {route}" for route in dialog.route_set),
         f"From: {dialog.local}",
@@ -134,8 +166,9 @@ class _Protocol(asyncio.DatagramProtocol):
 class Orphans:
     """Sends the BYEs and CANCELs of a dead worker's calls from the front."""
 
-    def __init__(self, bind: str) -> None:
+    def __init__(self, bind: str, tls: ssl.SSLContext | None = None) -> None:
         self._bind = bind
+        self._tls = tls
         self._transport: asyncio.DatagramTransport | None = None
         self._finals: dict[str, asyncio.Future[int]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -150,12 +183,18 @@ class Orphans:
         """Send BYE (confirmed dialog) or CANCEL (early one), retransmitting until answered."""
         if self._transport is None:
             return
+        hop = destination(dialog) if dialog.confirmed else invite_destination(dialog)
+        if hop.tls:
+            task = asyncio.create_task(self._send_tls(dialog, why, hop))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
         if dialog.confirmed:
             host, port = self._transport.get_extra_info("sockname")[:2]
             branch = "z9hG4bK-sipgw-" + secrets.token_hex(8)
-            message, hop = bye(dialog, host, port, branch, why), destination(dialog)
+            message = bye(dialog, host, port, branch, why)
         else:
-            message, hop = cancel(dialog), invite_destination(dialog)
+            message = cancel(dialog)
             branch = _branch_of(message)
         task = asyncio.create_task(self._send(message, hop, branch, dialog.call_id))
         self._tasks.add(task)
@@ -189,6 +228,57 @@ class Orphans:
         finally:
             self._finals.pop(branch, None)
 
+    async def _send_tls(self, dialog: Dialog, why: Ending, hop: Hop) -> None:
+        """BYE or CANCEL on a new TLS connection to ``hop``; wait for its final response."""
+        call_id = dialog.call_id
+        if self._tls is None:
+            logger.warning(
+                "orphaned call %s: %s:%s is reached over TLS, but sip.transport is not tls",
+                call_id, hop.host, hop.port,
+            )  # fmt: skip
+            return
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(
+                    hop.host, hop.port, ssl=self._tls, server_hostname=hop.host,
+                    local_addr=(self._bind, 0),
+                ),
+                TLS_ANSWER_WAIT,
+            )  # fmt: skip
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+            logger.warning(
+                "orphaned call %s: cannot reach %s:%s over TLS: %s",
+                call_id, hop.host, hop.port, exc or type(exc).__name__,
+            )  # fmt: skip
+            return
+        try:
+            if dialog.confirmed:
+                host, port = writer.get_extra_info("sockname")[:2]
+                branch = "z9hG4bK-sipgw-" + secrets.token_hex(8)
+                message = bye(dialog, host, port, branch, why, "TLS")
+            else:
+                message = cancel(dialog)
+                branch = _branch_of(message)
+            method = message.split(b" ", 1)[0].decode()
+            logger.info(
+                "orphaned call %s: sending %s to %s:%s over TLS",
+                call_id, method, hop.host, hop.port,
+            )  # fmt: skip
+            writer.write(message)
+            await writer.drain()
+            status = await asyncio.wait_for(_final_response(reader, branch), TLS_ANSWER_WAIT)
+            logger.info("orphaned call %s: %s answered %s", call_id, method, status)
+        except TimeoutError:
+            logger.info("orphaned call %s: no final response over TLS", call_id)
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+            logger.info("orphaned call %s: the TLS connection ended: %r", call_id, exc)
+        finally:
+            writer.close()
+            try:
+                await asyncio.wait_for(writer.wait_closed(), 1.0)
+            except (OSError, TimeoutError):
+                pass
+
     async def close(self) -> None:
         """Give the requests under way a moment, then stop."""
         if self._tasks:
@@ -197,6 +287,28 @@ class Orphans:
             task.cancel()
         if self._transport is not None:
             self._transport.close()
+
+
+async def _final_response(reader: asyncio.StreamReader, branch: str) -> int:
+    """Read SIP messages off a stream (Content-Length framing) until a final
+    response of the transaction ``branch``; its status."""
+    while True:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = _content_length(head)
+        if length:
+            await reader.readexactly(length)
+        status = _status_of(head.lstrip(b"\r\n"))
+        if status >= 200 and _branch_of(head) == branch:
+            return status
+
+
+def _content_length(head: bytes) -> int:
+    for line in head.split(b"\r\n"):
+        name, sep, value = line.partition(b":")
+        if sep and name.strip().lower() in (b"content-length", b"l"):
+            value = value.strip()
+            return int(value) if value.isdigit() else 0
+    return 0
 
 
 def _is_ip(host: str) -> bool:

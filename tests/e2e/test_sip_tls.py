@@ -19,7 +19,9 @@ It dials ``sipp<port>`` as ``sip:phone@127.0.0.1:<port>;transport=tls``.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -260,3 +262,54 @@ async def tones_both_ways(call, phone: PjsuaPhone) -> None:
     heard_by_phone = await phone.wait_for_tone(BROWSER_HZ, 8.0, min_rms=MIN_RMS)
     assert abs(heard_by_browser.hz - PHONE_HZ) <= 10, heard_by_browser
     assert abs(heard_by_phone.hz - BROWSER_HZ) <= 10, heard_by_phone
+
+
+@pytest.mark.parametrize("kill", ["answered", "ringing"])
+async def test_the_tls_phone_of_a_killed_worker_is_hung_up(pki, tmp_path, kill):
+    """The worker's TLS connection dies with it: the front opens its own (checking
+    the phone's certificate as the worker did) to send the BYE, or the CANCEL."""
+    port = free_port()
+    sip = {
+        "transport": "tls",
+        "tls_ca": str(pki.ca.cert),
+        "tls_cert": str(pki.gateway.cert),
+        "tls_key": str(pki.gateway.key),
+    }
+    text = make_config(port, workers=1, settings={"sip": sip})
+    gw = await asyncio.to_thread(start_gateway, tmp_path, text, http_port=port)
+    answered = kill == "answered"
+    try:
+        await asyncio.to_thread(gw.wait_ready, workers=1)
+        async with (
+            PjsuaPhone(
+                tmp_path,
+                tone_hz=PHONE_HZ,
+                tls=phone_tls(pki.phone, client_ca=pki.ca.cert),
+                answer_delay_ms=0 if answered else 60_000,
+            ) as phone,
+            WebClient(gw.url) as client,
+        ):
+            call = await client.establish(kill, f"sipp{phone.tls_port}", tone_hz=BROWSER_HZ)
+            await client.wait_event(call, "accepted" if answered else "ringing", timeout=15)
+            if answered:
+                await phone.wait_confirmed()
+            await asyncio.sleep(0.3)  # the dialog reaches the front right after the response
+            worker = gw.pids()[0]
+            assert worker is not None
+            os.kill(worker, signal.SIGKILL)
+            hangup = await client.wait_event(call, "hangup", timeout=5)
+            assert (hangup["code"], hangup["by"]) == (500, "gateway"), hangup
+            gone = await phone.wait_disconnected(timeout=15)
+            assert gone["code"] == (200 if answered else 487), gone
+        method = "BYE" if answered else "CANCEL"
+        assert re.search(
+            rf"orphaned call \S+: sending {method} to 127.0.0.1:{phone.tls_port} over TLS",
+            gw.log.read_text(),
+        ), gw.log.read_text()[-3000:]
+        received = re.findall(
+            r"RX \d+ bytes Request msg (\w+)/cseq=\d+ \S+ from (\w+)",
+            (phone.log_path.read_text(errors="replace")),
+        )
+        assert (method, "TLS") in received, received
+    finally:
+        await asyncio.to_thread(stop_gateway, gw)

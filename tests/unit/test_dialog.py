@@ -79,4 +79,8 @@ def test_bye_and_cancel_carry_the_dialog():
 def test_next_hop():
     assert next_hop("sip:a@127.0.0.1:5070;transport=udp") == Hop("127.0.0.1", 5070)
     assert next_hop("sip:[::1]:5090") == Hop("::1", 5090)
-    assert next_hop("sips:pbx.example") == Hop("pbx.example", 5060)
+    # Over TLS (sips:, or transport=tls in any case): 5061 unless a port is given.
+    assert next_hop("sips:pbx.example") == Hop("pbx.example", 5061, tls=True)
+    assert next_hop("sip:a@pbx.example;Transport=TLS;lr") == Hop("pbx.example", 5061, tls=True)
+    assert next_hop("sip:10.0.0.1:5071;transport=tls") == Hop("10.0.0.1", 5071, tls=True)
+    assert next_hop("sip:a@pbx.example;transport=tcp") == Hop("pbx.example", 5060)
