@@ -22,6 +22,7 @@ import asyncio
 import os
 import re
 import signal
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from peers.certs import Issued, TestCa
 from peers.gateway import Gateway, free_port, make_config, start_gateway, stop_gateway
 from peers.kamailio import Kamailio
 from peers.pjsua_phone import PhoneTls, PjsuaPhone
+from peers.rawsip import SDP, request, status_of
 from peers.webclient import WebClient
 from test_register import PBX_RULE, USERS, caller, registered
 
@@ -313,3 +315,41 @@ async def test_the_tls_phone_of_a_killed_worker_is_hung_up(pki, tmp_path, kill):
         assert (method, "TLS") in received, received
     finally:
         await asyncio.to_thread(stop_gateway, gw)
+
+
+async def ask_over_tls(source: str, port: int, method: str, body: str = "") -> list[int]:
+    """Send one request from ``source`` over a TLS connection to 127.0.0.1:``port``;
+    the status codes that come back on it within a second of quiet."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=context, local_addr=(source, 0)
+    )
+    local_port = writer.get_extra_info("sockname")[1]
+    message = request(method, f"sip:anyone@127.0.0.1:{port};transport=tls", local_port, body=body)
+    writer.write(message.replace(b"SIP/2.0/UDP", b"SIP/2.0/TLS", 1))
+    statuses = []
+    try:
+        while True:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 1.0)
+            length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+            if length and int(length[1]):
+                await reader.readexactly(int(length[1]))
+            statuses.append(status_of(head))
+    except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+    return statuses
+
+
+async def test_strangers_on_the_tls_port_get_nothing(tls_gateway):
+    """``sip.trusted_peers`` (by default the targets' hosts, all 127.0.0.1 here)
+    holds on the workers' TLS port as on UDP."""
+    match = re.search(r"TLS on port (\d+)", tls_gateway.log.read_text())
+    assert match, "no worker TLS port in the gateway log"
+    port = int(match[1])
+    for method, body in (("OPTIONS", ""), ("INVITE", SDP)):
+        assert await ask_over_tls("127.0.0.2", port, method, body) == [], method
+    assert await ask_over_tls("127.0.0.1", port, "OPTIONS") == [200]
