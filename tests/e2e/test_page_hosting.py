@@ -26,6 +26,7 @@ from conftest import Gateway
 from peers.chromium import CHROMIUM, MIC_HZ, TOLERANCE_HZ, launch
 from peers.gateway import free_port, make_config, start_gateway, stop_gateway
 from test_browser import measure
+from test_sdk import HOST_STYLES
 
 pytestmark = [
     pytest.mark.timeout(150),
@@ -202,21 +203,16 @@ async def test_softphone_without_a_token_says_so(chromium: Any, site: Site) -> N
 
 async def test_widget_on_another_site_fetches_a_token_and_calls(chromium: Any, site: Site) -> None:
     page = await chromium.new_page()
-    styles = """() => [document.body, document.getElementById('para'),
-        document.getElementById('host-button')].map(e => {
-          const s = getComputedStyle(e);
-          return [s.fontFamily, s.fontSize, s.color, s.backgroundColor, s.margin];
-        })"""
     await page.goto(f"{site.url}/shop")
     await page.wait_for_selector("sipgw-call")
-    before = await page.evaluate(styles)
+    before = await page.evaluate(HOST_STYLES)
     assert site.tokens_minted == 0  # nothing is fetched before the visitor clicks
     await page.click("sipgw-call >> text=Call echo")
     await page.wait_for_function(
         "() => document.querySelector('sipgw-call').dataset.state === 'in call'", timeout=20_000
     )
     assert site.tokens_minted == 1
-    assert await page.evaluate(styles) == before
+    assert await page.evaluate(HOST_STYLES) == before
     await page.click("sipgw-call >> text=Hang up")
     await page.wait_for_function(
         "() => document.querySelector('sipgw-call').dataset.state.startsWith('ended')",

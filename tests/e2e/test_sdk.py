@@ -142,32 +142,36 @@ async def test_softphone_page_enter_twice_places_one_call(
         await page.close()
 
 
+#: The computed styles of the sample host page's own elements, which the widget
+#: (shadow DOM) must leave as they were.
+HOST_STYLES = """() => [document.body, document.getElementById('para'),
+    document.getElementById('host-button')].map(e => {
+      const s = getComputedStyle(e);
+      return [s.fontFamily, s.fontSize, s.color, s.backgroundColor, s.margin];
+    })"""
+
+
 async def test_widget_calls_in_one_click_without_touching_the_host_styles(
     chromium: Any,  # noqa: F811
     gateway: Gateway,
 ) -> None:
     page = await chromium.new_page()
-    styles = """() => [document.body, document.getElementById('para'),
-        document.getElementById('host-button')].map(e => {
-          const s = getComputedStyle(e);
-          return [s.fontFamily, s.fontSize, s.color, s.backgroundColor, s.margin];
-        })"""
     try:
         await page.goto(f"{gateway.url}/demo/widget")
         await page.wait_for_selector("sipgw-call")
-        before = await page.evaluate(styles)
+        before = await page.evaluate(HOST_STYLES)
         await page.click("sipgw-call >> text=Call echo")
         await page.wait_for_function(
             "() => document.querySelector('sipgw-call').dataset.state === 'in call'",
             timeout=20_000,
         )
-        assert await page.evaluate(styles) == before
+        assert await page.evaluate(HOST_STYLES) == before
         await page.screenshot(path=SCREENSHOTS / "widget.png")
         await page.click("sipgw-call >> text=Hang up")
         await page.wait_for_function(
             "() => document.querySelector('sipgw-call').dataset.state.startsWith('ended')",
             timeout=10_000,
         )
-        assert await page.evaluate(styles) == before
+        assert await page.evaluate(HOST_STYLES) == before
     finally:
         await page.close()

@@ -55,6 +55,17 @@ class Pki:
         self.rogue_ca = TestCa.create(tmp, "rogue CA")
         self.rogue = self.rogue_ca.issue(tmp, "rogue phone", ip="127.0.0.1")
 
+    def sip(self, **extra: object) -> dict[str, object]:
+        """The gateway's ``[sip]`` for TLS: this CA, its own certificate (shown to a
+        phone that asks, and on its TLS port), then ``extra``."""
+        return {
+            "transport": "tls",
+            "tls_ca": str(self.ca.cert),
+            "tls_cert": str(self.gateway.cert),
+            "tls_key": str(self.gateway.key),
+            **extra,
+        }
+
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
@@ -65,13 +76,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 def tls_gateway(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[Gateway]:
     tmp = tmp_path_factory.mktemp("sip-tls")
     port = free_port()
-    sip = {
-        "transport": "tls",
-        "tls_ca": str(pki.ca.cert),
-        "tls_cert": str(pki.gateway.cert),
-        "tls_key": str(pki.gateway.key),
-        "srtp": "mandatory",
-    }
+    sip = pki.sip(srtp="mandatory")
     gw = start_gateway(tmp, make_config(port, workers=1, settings={"sip": sip}), http_port=port)
     try:
         gw.wait_ready(workers=1)
@@ -209,14 +214,9 @@ async def test_registration_and_calls_both_ways_through_a_tls_registrar(pki, tmp
     async with Kamailio(tmp_path, USERS, tls=pki.phone) as kam:
         port = free_port()
         settings: dict[str, dict[str, object]] = {
-            "sip": {
-                "transport": "tls",
-                "tls_ca": str(pki.ca.cert),
-                # Kamailio reaches the registered contact on the worker's TLS port,
-                # where the worker shows this certificate.
-                "tls_cert": str(pki.gateway.cert),
-                "tls_key": str(pki.gateway.key),
-            },
+            # Kamailio reaches the registered contact on the worker's TLS port,
+            # where the worker shows its certificate.
+            "sip": pki.sip(),
             "registrar": {"uri": kam.registrar_tls, "domain": kam.realm},
         }
         text = make_config(port, workers=1, settings=settings) + PBX_RULE
@@ -271,13 +271,7 @@ async def test_the_tls_phone_of_a_killed_worker_is_hung_up(pki, tmp_path, kill):
     """The worker's TLS connection dies with it: the front opens its own (checking
     the phone's certificate as the worker did) to send the BYE, or the CANCEL."""
     port = free_port()
-    sip = {
-        "transport": "tls",
-        "tls_ca": str(pki.ca.cert),
-        "tls_cert": str(pki.gateway.cert),
-        "tls_key": str(pki.gateway.key),
-    }
-    text = make_config(port, workers=1, settings={"sip": sip})
+    text = make_config(port, workers=1, settings={"sip": pki.sip()})
     gw = await asyncio.to_thread(start_gateway, tmp_path, text, http_port=port)
     answered = kill == "answered"
     try:
