@@ -133,6 +133,18 @@ def cancel(dialog: Dialog) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
+def ending_request(
+    dialog: Dialog, why: Ending, host: str, port: int, transport: str
+) -> tuple[bytes, str]:
+    """The BYE (confirmed dialog, sent from ``host:port`` over ``transport``) or the
+    CANCEL (early one) that ends ``dialog``, and its Via branch."""
+    if dialog.confirmed:
+        branch = "z9hG4bK-sipgw-" + secrets.token_hex(8)
+        return bye(dialog, host, port, branch, why, transport), branch
+    message = cancel(dialog)
+    return message, _branch_of(message)
+
+
 def _branch_of(message: bytes) -> str:
     for line in message.split(b"\r\n"):
         lower = line.lower()
@@ -186,17 +198,10 @@ class Orphans:
         hop = destination(dialog) if dialog.confirmed else invite_destination(dialog)
         if hop.tls:
             task = asyncio.create_task(self._send_tls(dialog, why, hop))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            return
-        if dialog.confirmed:
-            host, port = self._transport.get_extra_info("sockname")[:2]
-            branch = "z9hG4bK-sipgw-" + secrets.token_hex(8)
-            message = bye(dialog, host, port, branch, why)
         else:
-            message = cancel(dialog)
-            branch = _branch_of(message)
-        task = asyncio.create_task(self._send(message, hop, branch, dialog.call_id))
+            host, port = self._transport.get_extra_info("sockname")[:2]
+            message, branch = ending_request(dialog, why, host, port, "UDP")
+            task = asyncio.create_task(self._send(message, hop, branch, dialog.call_id))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -252,13 +257,8 @@ class Orphans:
             )  # fmt: skip
             return
         try:
-            if dialog.confirmed:
-                host, port = writer.get_extra_info("sockname")[:2]
-                branch = "z9hG4bK-sipgw-" + secrets.token_hex(8)
-                message = bye(dialog, host, port, branch, why, "TLS")
-            else:
-                message = cancel(dialog)
-                branch = _branch_of(message)
+            host, port = writer.get_extra_info("sockname")[:2]
+            message, branch = ending_request(dialog, why, host, port, "TLS")
             method = message.split(b" ", 1)[0].decode()
             logger.info(
                 "orphaned call %s: sending %s to %s:%s over TLS",
